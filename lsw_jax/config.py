@@ -229,3 +229,84 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> tuple[Any, fl
         is_medium = (wavelen >= high_wl) & (wavelen <= low_wl)
         inv = np.where(is_medium, smoothed, scaled)
     return inv, 1.0
+
+
+ADAPTER_KINDS = ("switch", "mola", "lora")
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_TARGET_ALIASES = {name.split("_")[0]: name for name in ALL_TARGETS}
+
+
+def normalize_targets(targets: Any) -> tuple[str, ...]:
+    """``("q", "v_proj", ...)`` -> canonical module names; unknown names raise."""
+    if isinstance(targets, str):
+        targets = ALL_TARGETS if targets in ("all", "all-linear") else (targets,)
+    out = []
+    for t in targets:
+        name = _TARGET_ALIASES.get(t, t)
+        if name not in ALL_TARGETS:
+            raise ValueError(
+                f"unknown target module {t!r}; expected some of {', '.join(ALL_TARGETS)} "
+                f"(or their short names {', '.join(_TARGET_ALIASES)})"
+            )
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ValueError("targets must name at least one module")
+    return tuple(sorted(out, key=ALL_TARGETS.index))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """A LoRA expert bank and how tokens are routed to it.
+
+    kind: ``switch`` (LoRA-Switch: one pre-gated router, the same top-k experts in every
+    layer), ``mola`` (a router per decoder layer), ``lora`` (one plain LoRA; num_experts and
+    top_k are 1). Scaling is ``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``).
+    """
+
+    kind: str = "switch"
+    num_experts: int = 8
+    rank: int = 8
+    alpha: float = 16.0
+    top_k: int = 2
+    targets: tuple[str, ...] = ALL_TARGETS
+    dropout: float = 0.0
+    aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ADAPTER_KINDS:
+            raise ValueError(f"kind={self.kind!r} must be one of {ADAPTER_KINDS}")
+        if self.kind == "lora":
+            object.__setattr__(self, "num_experts", 1)
+            object.__setattr__(self, "top_k", 1)
+        object.__setattr__(self, "targets", normalize_targets(self.targets))
+        if self.rank < 1:
+            raise ValueError(f"rank={self.rank} must be >= 1")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts={self.num_experts} must be >= 1")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown adapter config fields {unknown}")
+        d = dict(d)
+        if "targets" in d:
+            d["targets"] = tuple(d["targets"])
+        return cls(**d)

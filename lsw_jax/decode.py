@@ -92,9 +92,7 @@ def _generate_jit(
     out = model.forward(input_ids, attention_mask=attention_mask, cache=cache, plan=plan)
     positions = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # next position per row
     key, sub = jax.random.split(key)
-    tok = sample_logits(
-        out.logits[:, -1], sub, temperature, top_p, top_k=top_k, greedy=greedy
-    )
+    tok = sample_logits(out.logits[:, -1], sub, temperature, top_p, top_k=top_k, greedy=greedy)
     tokens = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos_ids)
     fill = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
@@ -176,7 +174,9 @@ def generate(
         )
     t = bucket(longest)
     ids, mask = _left_pad(ids_np, mask_np, t)
-    cache_len = min(bucket(t + max_new_tokens), max(t + max_new_tokens, cfg.max_position_embeddings))
+    cache_len = min(
+        bucket(t + max_new_tokens), max(t + max_new_tokens, cfg.max_position_embeddings)
+    )
     if eos_token_id is None:
         eos = list(cfg.eos_token_ids)
     else:

@@ -14,9 +14,11 @@ def _source_of(src: Path) -> tuple[ModelConfig, Any, str]:
     if src.is_file() and src.suffix == ".gguf":
         from lsw_jax.convert.gguf import gguf_hf_config, iter_gguf_tensors
 
-        return ModelConfig.from_hf_config(gguf_hf_config(src), source=str(src)), iter_gguf_tensors(
-            src
-        ), "gguf"
+        return (
+            ModelConfig.from_hf_config(gguf_hf_config(src), source=str(src)),
+            iter_gguf_tensors(src),
+            "gguf",
+        )
     if src.is_dir():
         from lsw_jax.convert.safetensors_io import iter_safetensors
 

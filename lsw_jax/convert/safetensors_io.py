@@ -76,20 +76,24 @@ def safetensors_files(folder: Path) -> list[Path]:
     return found
 
 
+def iter_safetensors_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, array)`` for every tensor of one file (memory-mapped, checked)."""
+    header, start = read_header(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, info in header.items():
+        lo, hi = info["data_offsets"]
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        shape = tuple(info["shape"])
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if hi - lo != expected:
+            raise ValueError(
+                f"{path}: tensor {name!r} has {hi - lo} bytes, shape {shape} "
+                f"{info['dtype']} needs {expected}"
+            )
+        yield name, mm[start + lo : start + hi].view(dtype).reshape(shape)
+
+
 def iter_safetensors(folder: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(name, array)`` for every tensor of the folder, one at a time (memory-mapped)."""
+    """Yield ``(name, array)`` for every tensor of the folder, one at a time."""
     for path in safetensors_files(Path(folder)):
-        header, start = read_header(path)
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
-        for name, info in header.items():
-            lo, hi = info["data_offsets"]
-            dtype = np.dtype(_DTYPES[info["dtype"]])
-            shape = tuple(info["shape"])
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if hi - lo != expected:
-                raise ValueError(
-                    f"{path}: tensor {name!r} has {hi - lo} bytes, shape {shape} "
-                    f"{info['dtype']} needs {expected}"
-                )
-            yield name, mm[start + lo : start + hi].view(dtype).reshape(shape)
-        del mm
+        yield from iter_safetensors_file(path)

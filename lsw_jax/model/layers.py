@@ -55,7 +55,7 @@ class Linear(nnx.Module):
             if use_bias
             else None
         )
-        self.lora = None  # an adapters.LoraBank, attached by adapters.attach_adapter
+        self.lora = nnx.data(None)  # an adapters.LoraBank, attached by adapters.attach_adapter
 
     def __call__(self, x: Array, routing: Any = None, plan: str = "dense") -> Array:
         x = x.astype(self.dtype)

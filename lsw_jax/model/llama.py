@@ -56,7 +56,7 @@ class KVCache:
 class ModelOutput:
     logits: Array  # [B, T, V] float32
     cache: KVCache | None
-    routing: Any = None  # adapters.Routing of this forward, when adapters route
+    routing: Any = None  # adapters.Routing (switch/lora) or a list per layer (mola)
     hidden: Array | None = None  # final normed hidden states [B, T, D]
 
 
@@ -103,13 +103,15 @@ class Attention(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype
+        )
         self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype
         )
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.router = None  # a per-layer adapters.Router for MoLA-style routing
+        self.router = nnx.data(None)  # a per-layer adapters.Router for MoLA-style routing
 
     def __call__(self, x, cos, sin, mask, kv, index, routing, plan):
         normed = self.input_layernorm(x)
@@ -159,7 +161,9 @@ class LlamaModel(nnx.Module):
                 rngs=rngs,
             )
         )
-        self.router = None  # a LoRA-Switch adapters.Router (pre-gated, shared by all layers)
+        self.router = nnx.data(
+            None
+        )  # a LoRA-Switch adapters.Router (pre-gated, shared by all layers)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, **kw) -> Array:
@@ -195,13 +199,13 @@ class LlamaModel(nnx.Module):
             index = cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, index))
         mask = self._attention_mask(valid, index, t)
-        cos, sin = rope_cos_sin(self.cfg, positions, cache.length if cache else t)
+        cos, sin = rope_cos_sin(self.cfg, positions, cache.length if cache is not None else t)
 
-        new_k, new_v = [], []
-        layer_routing = routing
+        new_k, new_v, layer_routings = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv, layer_routing = layer(x, cos, sin, mask, kv, index, routing, plan)
+            x, kv, used = layer(x, cos, sin, mask, kv, index, routing, plan)
+            layer_routings.append(used)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -210,7 +214,9 @@ class LlamaModel(nnx.Module):
             new_cache = KVCache(k=new_k, v=new_v, valid=valid, index=index + t)
         h = self.norm(x)
         logits = self.logits(h)
-        out_routing = routing if routing is not None else layer_routing
+        # MoLA routes per layer: report every layer's routing; otherwise the shared one.
+        per_layer = any(layer.router is not None for layer in self.layers)
+        out_routing = layer_routings if per_layer else routing
         return ModelOutput(logits, new_cache, out_routing, h if return_hidden else None)
 
     def logits(self, h: Array) -> Array:
