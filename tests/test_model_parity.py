@@ -166,3 +166,27 @@ def test_prompt_longer_than_context_is_refused(converted):
     ids = np.ones((1, 120), np.int32)
     with pytest.raises(ValueError, match="exceeds the model's context of 128"):
         lsw_jax.generate(ours, ids, 20)
+
+
+def test_per_row_cache_index_matches_separate_rows(converted):
+    """Continuous batching: rows at different positions in one cache, one decode step."""
+    import jax.numpy as jnp
+
+    _, ours, _ = converted("mistral_window")
+    rng = np.random.default_rng(11)
+    lens = [3, 9]
+    seqs = [rng.integers(3, 160, (n + 1,)) for n in lens]
+    cache = lsw_jax.KVCache.create(ours.cfg, 2, 16, jnp.float32)
+    for r, seq in enumerate(seqs):  # prefill each row into its own slot region
+        row = lsw_jax.KVCache.create(ours.cfg, 1, 16, jnp.float32)
+        row = ours.forward(jnp.asarray(seq[None, :-1]), cache=row).cache
+        cache.k = [c.at[r].set(x[0]) for c, x in zip(cache.k, row.k, strict=True)]
+        cache.v = [c.at[r].set(x[0]) for c, x in zip(cache.v, row.v, strict=True)]
+        cache.valid = cache.valid.at[r].set(row.valid[0])
+    cache.index = jnp.asarray(lens, jnp.int32)
+    last = jnp.asarray([[s[-1]] for s in seqs])
+    out = ours.forward(last, positions=jnp.asarray([[n] for n in lens]), cache=cache)
+    for r, seq in enumerate(seqs):
+        want = np.asarray(ours(seq[None]))[0, -1]
+        assert rel_err(np.asarray(out.logits[r, 0]), want) < 1e-5
+    np.testing.assert_array_equal(np.asarray(out.cache.index), [4, 10])

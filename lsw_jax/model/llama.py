@@ -29,7 +29,9 @@ class KVCache:
     k, v: one ``[B, S, kv_heads, head_dim]`` array per layer (kept per layer rather than
     stacked: re-stacking every step cost ~3 ms/token on CPU).
     valid: ``[B, S]`` bool, slot s of row b holds a (non-padding) token.
-    index: ``[]`` int32, the next slot to write; all rows advance together (left padding).
+    index: the next slot to write: ``[]`` int32 when all rows advance together (left-padded
+        batches, ``generate``), or ``[B]`` int32 when every row has its own position in its
+        own slot (continuous batching in the serving engine).
     """
 
     k: list[Array]
@@ -60,6 +62,18 @@ class ModelOutput:
     hidden: Array | None = None  # final normed hidden states [B, T, D]
 
 
+def write_slots(buf: Array, new: Array, index: Array) -> Array:
+    """Write ``new [B, T, ...]`` into ``buf [B, S, ...]`` at slots ``index .. index+T-1``
+    (``index`` shared ``[]`` or per row ``[B]``)."""
+    new = new.astype(buf.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buf, new, (0, index) + (0,) * (buf.ndim - 2))
+    b, t = new.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    cols = index[:, None] + jnp.arange(t)[None, :]
+    return buf.at[rows, cols].set(new, mode="drop")
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
         self.cfg = cfg
@@ -75,7 +89,7 @@ class Attention(nnx.Module):
         x: Array,  # [B, T, D]
         cos: Array,
         sin: Array,
-        mask: Array,  # [B, T, S] bool
+        mask: Array,  # [B, T, S] bool (B may be 1: shared by all rows)
         kv: tuple[Array, Array] | None,
         index: Array,
         routing: Any,
@@ -88,8 +102,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x, routing, plan).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+            k_cache, v_cache = write_slots(kv[0], k, index), write_slots(kv[1], v, index)
             k, v, kv = k_cache.astype(q.dtype), v_cache.astype(q.dtype), (k_cache, v_cache)
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
@@ -197,7 +210,7 @@ class LlamaModel(nnx.Module):
             valid = token_mask
         else:
             index = cache.index
-            valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, index))
+            valid = write_slots(cache.valid, token_mask, index)
         mask = self._attention_mask(valid, index, t)
         cos, sin = rope_cos_sin(self.cfg, positions, cache.length if cache is not None else t)
 
@@ -229,12 +242,13 @@ class LlamaModel(nnx.Module):
         """[B, T, S]: query t (at slot index+t) sees valid slots s <= its own slot, and
         with a sliding window only the last ``window`` of them."""
         s = valid.shape[1]
-        q_slot = index + jnp.arange(t)[:, None]  # [T, 1]
-        k_slot = jnp.arange(s)[None, :]  # [1, S]
+        # [B or 1, T, 1]: each query's own slot; index is shared ([]) or per row ([B]).
+        q_slot = jnp.reshape(index, (-1, 1, 1)) + jnp.arange(t)[None, :, None]
+        k_slot = jnp.arange(s)[None, None, :]  # [1, 1, S]
         allowed = k_slot <= q_slot
         if self.cfg.sliding_window is not None:
             allowed &= q_slot - k_slot < self.cfg.sliding_window
-        return valid[:, None, :] & allowed[None]
+        return valid[:, None, :] & allowed
 
 
 def init_model(
