@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -16,9 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lsw_jax.merged import base_weights, check_mergeable, init_merged, merged_forward
 from lsw_jax.model.llama import KVCache
 
 Array = jax.Array
+
+
+PLANS = ("dense", "unmerged", "merged")
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -89,7 +94,9 @@ def _generate_jit(
     model = nnx.merge(graphdef, state)
     b, _ = input_ids.shape
     cache = KVCache.create(model.cfg, b, cache_len, model.dtype)
-    out = model.forward(input_ids, attention_mask=attention_mask, cache=cache, plan=plan)
+    # Prompt tokens each route to their own experts: merged decoding prefills unmerged.
+    prefill_plan = "unmerged" if plan == "merged" else plan
+    out = model.forward(input_ids, attention_mask=attention_mask, cache=cache, plan=prefill_plan)
     positions = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # next position per row
     key, sub = jax.random.split(key)
     tok = sample_logits(out.logits[:, -1], sub, temperature, top_p, top_k=top_k, greedy=greedy)
@@ -97,22 +104,33 @@ def _generate_jit(
     done = jnp.isin(tok, eos_ids)
     fill = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
 
+    if plan == "merged":
+        w_base = base_weights(model)
+        plan_state = init_merged(model, w_base)
+    else:
+        plan_state = ()
+
     def cond(carry):
-        step, _, _, _, done, _, _ = carry
+        step, done = carry[0], carry[4]
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, tok, cache, pos, done, tokens, key = carry
-        out = model.forward(tok[:, None], positions=pos[:, None], cache=cache, plan=plan)
+        step, tok, cache, pos, done, tokens, key, plan_state = carry
+        if plan == "merged":
+            out, plan_state = merged_forward(
+                model, tok[:, None], pos[:, None], cache, plan_state, w_base
+            )
+        else:
+            out = model.forward(tok[:, None], positions=pos[:, None], cache=cache, plan=plan)
         key, sub = jax.random.split(key)
         nxt = sample_logits(out.logits[:, -1], sub, temperature, top_p, top_k=top_k, greedy=greedy)
         nxt = jnp.where(done, fill, nxt)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
         done = done | jnp.isin(nxt, eos_ids)
-        return step + 1, nxt, out.cache, pos + 1, done, tokens, key
+        return step + 1, nxt, out.cache, pos + 1, done, tokens, key, plan_state
 
-    carry = (jnp.int32(1), tok, out.cache, positions, done, tokens, key)
-    step, *_, tokens, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), tok, out.cache, positions, done, tokens, key, plan_state)
+    step, *_, tokens, _, _ = jax.lax.while_loop(cond, body, carry)
     # Rows that stopped early, or a loop that ended with every row done, fill with EOS.
     idx = jnp.arange(max_new_tokens)[None, :]
     tokens = jnp.where(idx < step, tokens, fill)
@@ -159,6 +177,11 @@ def generate(
     ``attention_mask`` and rows are re-packed left-padded. Rows that emit an EOS id stop;
     their remaining slots hold that EOS id. ``temperature == 0`` is greedy; otherwise
     temperature, top-k (0 = off) and top-p sampling, reproducible for a ``seed``.
+
+    plan: how adapters apply (DESIGN.md): ``dense`` (jnp), ``unmerged`` (fused kernel, each
+    token its own experts) or ``merged`` (experts merged into the weights and switched per
+    token; falls back to ``unmerged`` with a warning where rows would need different
+    experts at once, and for per-layer routing).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -181,6 +204,13 @@ def generate(
         eos = list(cfg.eos_token_ids)
     else:
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if plan not in PLANS:
+        raise ValueError(f"plan={plan!r} must be one of {PLANS}")
+    if plan == "merged":
+        why_not = check_mergeable(model, ids.shape[0])
+        if why_not is not None:
+            warnings.warn(f"merged plan not applicable ({why_not}); using unmerged", stacklevel=2)
+            plan = "unmerged"
     graphdef, state = nnx.split(model)
     tokens, _ = _generate_jit(
         graphdef,

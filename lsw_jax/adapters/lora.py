@@ -121,21 +121,35 @@ class LoraBank(nnx.Module):
         # Inactive until model.train(); inference never drops.
         self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
 
-    def delta(self, x: Array, routing: Routing, plan: str = "dense", base_out: Any = None) -> Array:
-        """The LoRA contribution for x [B, T, in] under ``routing`` ([B, T, k])."""
+    def delta(self, x: Array, routing: Routing) -> Array:
+        """The LoRA contribution for x [B, T, in] under ``routing`` ([B, T, k]) (dense plan).
+
+        Computes x.A for all E experts (E*r is small next to in/out) and weights B by the
+        dense gate matrix: differentiable, and the training plan.
+        """
         dt = x.dtype
-        a = self.a[...].astype(dt)
-        b = self.b[...].astype(dt)
         if self.dropout is not None:
             x = self.dropout(x)
-        if plan == "unmerged":
-            from pallas_kernels.lora_unmerged import lora_unmerged_delta
-
-            return lora_unmerged_delta(x, a, b, routing.expert_ids, routing.gates * self.scale)
-        # dense: all experts' x.A (E*r is small next to in/out), then gate-weighted B.
         w = dense_gate_weights(routing, self.num_experts) * self.scale  # [B, T, E]
-        xa = jnp.einsum("bti,eri->bter", x, a)
-        return jnp.einsum("bter,eor->bto", xa * w[..., None].astype(dt), b)
+        xa = jnp.einsum("bti,eri->bter", x, self.a[...].astype(dt))
+        return jnp.einsum("bter,eor->bto", xa * w[..., None].astype(dt), self.b[...].astype(dt))
+
+    def unmerged(self, x: Array, w: Array, bias: Array | None, routing: Routing) -> Array:
+        """``x.W^T + bias + delta`` through the fused kernel (each row its own experts)."""
+        from pallas_kernels.lora_unmerged import lora_unmerged
+
+        b, t, d = x.shape
+        k = routing.expert_ids.shape[-1]
+        y = lora_unmerged(
+            x.reshape(b * t, d),
+            w,
+            self.a[...].astype(x.dtype),
+            self.b[...].astype(x.dtype),
+            routing.expert_ids.reshape(b * t, k),
+            (routing.gates * self.scale).reshape(b * t, k),
+            bias,
+        )
+        return y.reshape(b, t, -1)
 
     def merged_delta(self, expert_ids: Array, gates: Array) -> Array:
         """``sum_j scale * g_j * B[e_j] @ A[e_j]`` -> [out, in] for one shared selection."""

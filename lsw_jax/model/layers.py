@@ -58,12 +58,19 @@ class Linear(nnx.Module):
         self.lora = nnx.data(None)  # an adapters.LoraBank, attached by adapters.attach_adapter
 
     def __call__(self, x: Array, routing: Any = None, plan: str = "dense") -> Array:
+        """plan: ``dense`` (differentiable jnp), ``unmerged`` (fused base + LoRA kernel),
+        ``merged`` (the weight already holds the experts' delta: skip LoRA)."""
         x = x.astype(self.dtype)
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        if self.lora is not None and routing is not None and plan != "merged":
-            y = y + self.lora.delta(x, routing, plan, base_out=None).astype(y.dtype)
+        w = self.weight[...].astype(self.dtype)
+        bias = None if self.bias is None else self.bias[...].astype(self.dtype)
+        adapted = self.lora is not None and routing is not None
+        if adapted and plan == "unmerged":
+            return self.lora.unmerged(x, w, bias, routing)
+        y = jnp.einsum("...i,oi->...o", x, w)
+        if bias is not None:
+            y = y + bias
+        if adapted and plan == "dense":
+            y = y + self.lora.delta(x, routing).astype(y.dtype)
         return y
 
 
