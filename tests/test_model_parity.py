@@ -190,3 +190,15 @@ def test_per_row_cache_index_matches_separate_rows(converted):
         want = np.asarray(ours(seq[None]))[0, -1]
         assert rel_err(np.asarray(out.logits[r, 0]), want) < 1e-5
     np.testing.assert_array_equal(np.asarray(out.cache.index), [4, 10])
+
+
+def test_segment_ids_isolate_packed_documents(converted):
+    _, ours, _ = converted("gqa")
+    rng = np.random.default_rng(12)
+    a, b = rng.integers(3, 160, (1, 5)), rng.integers(3, 160, (1, 7))
+    packed = np.concatenate([a, b], axis=1)
+    seg = np.asarray([[1] * 5 + [2] * 7])
+    pos = np.asarray([list(range(5)) + list(range(7))])
+    got = np.asarray(ours(packed, segment_ids=seg, positions=pos))
+    assert rel_err(got[:, :5], np.asarray(ours(a))) < 1e-5
+    assert rel_err(got[:, 5:], np.asarray(ours(b))) < 1e-5

@@ -174,9 +174,9 @@ class LlamaModel(nnx.Module):
                 rngs=rngs,
             )
         )
-        self.router = nnx.data(
-            None
-        )  # a LoRA-Switch adapters.Router (pre-gated, shared by all layers)
+        self.remat = False  # set by training to rematerialise each decoder layer
+        # A LoRA-Switch adapters.Router (pre-gated, shared by all layers), when attached.
+        self.router = nnx.data(None)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, **kw) -> Array:
@@ -189,6 +189,7 @@ class LlamaModel(nnx.Module):
         *,
         attention_mask: Array | None = None,  # [B, T]: 1 real token, 0 padding
         positions: Array | None = None,  # [B, T] int; default from the mask
+        segment_ids: Array | None = None,  # [B, T] packed documents: attend within a segment
         cache: KVCache | None = None,
         routing: Any = None,  # adapters.Routing; computed by the router when None
         plan: str = "dense",
@@ -212,12 +213,21 @@ class LlamaModel(nnx.Module):
             index = cache.index
             valid = write_slots(cache.valid, token_mask, index)
         mask = self._attention_mask(valid, index, t)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) need a cache-free forward")
+            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         cos, sin = rope_cos_sin(self.cfg, positions, cache.length if cache is not None else t)
 
+        def call_layer(layer, x, kv, routing):
+            return layer(x, cos, sin, mask, kv, index, routing, plan)
+
+        if self.remat:  # training: recompute each layer's activations in the backward pass
+            call_layer = nnx.remat(call_layer)
         new_k, new_v, layer_routings = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv, used = layer(x, cos, sin, mask, kv, index, routing, plan)
+            x, kv, used = call_layer(layer, x, kv, routing)
             layer_routings.append(used)
             if kv is not None:
                 new_k.append(kv[0])

@@ -1,0 +1,386 @@
+"""Adapter training: frozen backbone, optax AdamW, exact resume through Orbax.
+
+Only adapter weights (``LoRAParam``: banks and routers) are differentiated: the model is
+split into (trainable, frozen) states and ``jax.value_and_grad`` sees only the first, so
+no backbone gradient is ever computed. A step = ``grad_accum`` micro-batches summed in a
+``lax.scan``, clipped, AdamW with linear warmup + cosine decay. The CheckpointManager
+saves adapters, optimizer state, dropout RNG state, step and the data position, so a
+resumed run replays exactly the batches and losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lsw_jax.adapters.lora import (
+    LoRAParam,
+    Routing,
+    attach_adapter,
+    load_balancing_loss,
+    router_z_loss,
+    routing_stats,
+)
+from lsw_jax.config import AdapterConfig
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; a JSON file with these keys (``adapter`` nested) + flags."""
+
+    ckpt: str
+    data: tuple[str, ...]
+    out_dir: str
+    adapter: AdapterConfig = AdapterConfig()
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 100
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    seed: int = 0
+    dtype: str | None = None  # compute dtype; adapters always stay fp32
+    remat: bool = False
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    adapter_name: str | None = None  # also store the result in ckpt/adapters/<name>
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not self.data:
+            raise ValueError("data: give at least one .txt or .jsonl file")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        raw = json.loads(Path(path).read_text())
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        raw = dict(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown training config fields {unknown}")
+        if isinstance(raw.get("adapter"), dict):
+            raw["adapter"] = AdapterConfig.from_dict(raw["adapter"])
+        if isinstance(raw.get("data"), str):
+            raw["data"] = (raw["data"],)
+        raw["data"] = tuple(raw.get("data", ()))
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adapter"] = self.adapter.to_dict()
+        d["data"] = list(self.data)
+        return d
+
+
+# ---------------------------------------------------------------------- loss & step
+
+
+def _routings(routing: Any) -> list[Routing]:
+    if routing is None:
+        return []
+    return routing if isinstance(routing, list) else [routing]
+
+
+def lm_loss(
+    model: Any, batch: dict[str, Array], adapter: AdapterConfig
+) -> tuple[Array, dict[str, Array]]:
+    """Masked next-token cross-entropy + aux losses; returns (total, metrics)."""
+    out = model.forward(
+        batch["input_ids"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        attention_mask=batch["segment_ids"] > 0,
+    )
+    logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"]
+    n_tok = jnp.maximum(mask.sum(), 1.0)
+    ce = jnp.sum(nll * mask) / n_tok
+    total, metrics = ce, {"ce": ce, "tokens": mask.sum()}
+    routings = [r for r in _routings(out.routing) if r.logits is not None]
+    if routings:
+        token_mask = batch["segment_ids"] > 0
+        aux = sum(load_balancing_loss(r, adapter.num_experts, token_mask) for r in routings)
+        aux = aux / len(routings)
+        z = sum(router_z_loss(r, token_mask) for r in routings) / len(routings)
+        total = total + adapter.aux_loss_coef * aux + adapter.router_z_loss_coef * z
+        stats = routing_stats(routings[0], adapter.num_experts, token_mask)
+        metrics.update(aux_loss=aux, z_loss=z, **stats)
+    return total, metrics
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * 0.1
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(schedule, weight_decay=cfg.weight_decay),
+    )
+
+
+def make_train_step(graphdef: Any, optimizer: Any, adapter: AdapterConfig):
+    """jitted ``(trainable, rng_state, frozen, opt_state, batches[A, B, T]) -> ...``."""
+
+    def micro(trainable, rng_state, frozen, batch):
+        def loss_fn(trainable):
+            model = nnx.merge(graphdef, trainable, rng_state, frozen)
+            loss, metrics = lm_loss(model, batch, adapter)
+            new_rng = nnx.state(model, nnx.RngState)
+            return loss, (metrics, new_rng)
+
+        (loss, (metrics, rng_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        return grads, loss, metrics, rng_state
+
+    @jax.jit
+    def step(trainable, rng_state, frozen, opt_state, batches):
+        def body(carry, batch):
+            acc, rng_state = carry
+            grads, loss, metrics, rng_state = micro(trainable, rng_state, frozen, batch)
+            acc = jax.tree.map(jnp.add, acc, grads)
+            return (acc, rng_state), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        (grads, rng_state), (losses, metrics) = jax.lax.scan(body, (zeros, rng_state), batches)
+        n = batches["input_ids"].shape[0]
+        grads = jax.tree.map(lambda g: g / n, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        metrics["loss"] = jnp.mean(losses)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return trainable, rng_state, opt_state, metrics
+
+    return step
+
+
+# ---------------------------------------------------------------------- the run
+
+
+def build_data(cfg: TrainConfig, tokenizer: Any):
+    from lsw_jax.data import Batches, load_documents, pack_documents
+
+    docs = load_documents(cfg.data)
+    packed = pack_documents(docs, tokenizer, cfg.seq_len)
+    if len(packed) < cfg.batch_size * cfg.grad_accum:
+        raise ValueError(
+            f"data: {len(packed)} sequences of {cfg.seq_len} tokens, fewer than one step's "
+            f"batch_size*grad_accum = {cfg.batch_size * cfg.grad_accum}"
+        )
+    return Batches(packed, cfg.batch_size * cfg.grad_accum, seed=cfg.seed)
+
+
+def _stack_micro(batch: dict[str, np.ndarray], accum: int) -> dict[str, Array]:
+    keys = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+    return {k: jnp.asarray(batch[k].reshape(accum, -1, *batch[k].shape[1:])) for k in keys}
+
+
+class Trainer:
+    """Holds model, optimizer, data and the CheckpointManager of one run."""
+
+    def __init__(self, cfg: TrainConfig, *, model: Any = None, tokenizer: Any = None):
+        from lsw_jax.checkpoint import load_model
+
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        if model is None:
+            model = load_model(cfg.ckpt, dtype=cfg.dtype)
+        if tokenizer is None:
+            from lsw_jax.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_hf_dir(cfg.ckpt)
+        attach_adapter(model, cfg.adapter, seed=cfg.seed)
+        if cfg.remat:
+            model.remat = True
+        self.model = model
+        self.graphdef, self.trainable, self.rng_state, self.frozen = nnx.split(
+            model, LoRAParam, nnx.RngState, ...
+        )
+        self.optimizer = make_optimizer(cfg)
+        self.opt_state = self.optimizer.init(self.trainable)
+        self.batches = build_data(cfg, tokenizer)
+        self.step_fn = make_train_step(self.graphdef, self.optimizer, cfg.adapter)
+        self.step = 0
+        self.manager = ocp.CheckpointManager(
+            (self.out / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.save_every
+            ),
+        )
+        self._restore_latest()
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "trainable": self.trainable.to_pure_dict(),
+            "rng": self.rng_state.to_pure_dict(),
+            "opt": self.opt_state,
+        }
+
+    def _restore_latest(self) -> None:
+        latest = self.manager.latest_step()
+        if latest is None:
+            return
+        meta = self.manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+        if meta["config"]["adapter"] != self.cfg.adapter.to_dict():
+            raise ValueError(
+                f"{self.out}: checkpoint was trained with adapter {meta['config']['adapter']}, "
+                f"this run asks for {self.cfg.adapter.to_dict()}"
+            )
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x,
+            self._payload(),
+        )
+        state = self.manager.restore(
+            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
+        self.trainable.replace_by_pure_dict(state["trainable"])
+        self.rng_state.replace_by_pure_dict(state["rng"])
+        self.opt_state = state["opt"]
+        self.batches.restore(meta["data"])
+        self.step = int(meta["step"])
+
+    def save(self, force: bool = False) -> None:
+        meta = {"step": self.step, "data": self.batches.state(), "config": self.cfg.to_dict()}
+        self.manager.save(
+            self.step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(self._payload()), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
+
+    def run(self, *, stop_after: int | None = None, progress: bool = True) -> list[dict]:
+        """Train to ``cfg.steps`` (or stop after ``stop_after`` more steps); metrics per step."""
+        from tqdm import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out / "metrics.jsonl"
+        history = []
+        target = (
+            self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
+        )
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, desc="train")
+        with open(metrics_path, "a") as log:
+            while self.step < target:
+                t0 = time.perf_counter()
+                batch = _stack_micro(next(self.batches), self.cfg.grad_accum)
+                self.trainable, self.rng_state, self.opt_state, m = self.step_fn(
+                    self.trainable, self.rng_state, self.frozen, self.opt_state, batch
+                )
+                m = jax.tree.map(lambda x: np.asarray(x).tolist(), m)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                m.update(step=self.step, tokens_per_s=batch["input_ids"].size / dt)
+                history.append(m)
+                log.write(json.dumps(m) + "\n")
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                bar.update(1)
+                self.save()
+        bar.close()
+        self.manager.wait_until_finished()
+        return history
+
+    def finish(self) -> None:
+        """Write the trained adapter (and a loss plot); store it in the base checkpoint."""
+        self.save(force=True)
+        self.manager.wait_until_finished()
+        nnx.update(self.model, self.trainable)
+        from lsw_jax.adapters.store import save_adapter
+
+        save_adapter(self.model, self.out, "final", overwrite=True)
+        if self.cfg.adapter_name:
+            save_adapter(self.model, self.cfg.ckpt, self.cfg.adapter_name, overwrite=True)
+        if self.cfg.adapter.kind == "lora":
+            from lsw_jax.convert.peft import export_peft_adapter
+
+            export_peft_adapter(self.model, self.out / "peft")
+        plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional at run time
+        return
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["ce"] for r in rows], label="cross-entropy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    overrides = dict(
+        ckpt=args.ckpt,
+        out_dir=args.out,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        adapter_name=args.adapter_name,
+    )
+    if args.data:
+        overrides["data"] = args.data
+    if args.config:
+        cfg = TrainConfig.from_file(args.config, **overrides)
+    else:
+        raw = {k: v for k, v in overrides.items() if v is not None}
+        raw["adapter"] = {"kind": args.kind}
+        cfg = TrainConfig.from_dict(raw)
+    trainer = Trainer(cfg)
+    trainer.run()
+    trainer.finish()
+    print(f"trained {cfg.adapter.kind} adapter -> {cfg.out_dir}")
+
+
+def register_cli(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a switch/mola/lora adapter on a frozen backbone")
+    p.add_argument("--config", help="JSON file with TrainConfig fields (flags override)")
+    p.add_argument("--ckpt")
+    p.add_argument("--data", nargs="+", help=".txt / .jsonl files")
+    p.add_argument("--out")
+    p.add_argument("--kind", default="switch", choices=["switch", "mola", "lora"])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--adapter-name", help="also store the adapter in CKPT/adapters/NAME")
+    p.set_defaults(func=_cmd_train)
