@@ -312,3 +312,47 @@ def test_smollm2_config_matches_transformers(smollm2_path, transformers_model):
     assert ours["rope_parameters"] == ref.rope_parameters
     assert ours["rope_theta"] == ref.rope_parameters["rope_theta"]
     assert ours["architectures"] == ["LlamaForCausalLM"]
+
+
+PARAGRAPH = (
+    "The river had been rising for three days, and by the morning of the fourth the lower "
+    "fields were under water. The farmers moved their animals to the high pasture and "
+    "stacked sandbags along the road, while the children watched from the bridge as "
+    "branches and whole trees drifted past toward the sea."
+)
+
+
+@pytest.mark.slow
+def test_smollm2_logits_and_generate_match_transformers(
+    smollm2_path, transformers_model, tmp_path_factory
+):
+    """Our GGUF conversion + model vs transformers' own GGUF loader on the same file."""
+    import torch
+
+    import lsw_jax
+    from lsw_jax.cli import main
+    from lsw_jax.tokenizer import Tokenizer
+
+    ckpt = tmp_path_factory.mktemp("smol") / "ckpt"
+    lsw_jax.convert_checkpoint(smollm2_path, ckpt, show_progress=False)
+    tok = Tokenizer.from_hf_dir(ckpt)
+    ids = np.asarray([tok.encode(PARAGRAPH, add_special_tokens=False)], np.int32)
+    ours = lsw_jax.load_model(ckpt, dtype="float32")
+    got = np.asarray(ours(ids))
+    with torch.no_grad():
+        want = transformers_model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    agree = np.mean(got.argmax(-1) == want.argmax(-1))
+    assert agree >= 0.99, agree
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < 1e-3, rel
+
+    prompt = ids[:, :24]
+    with torch.no_grad():
+        hf_new = transformers_model.generate(
+            torch.as_tensor(prompt, dtype=torch.long), max_new_tokens=8, do_sample=False
+        )[:, 24:].numpy()
+    np.testing.assert_array_equal(
+        lsw_jax.generate(ours, prompt, 8, eos_token_id=[])[:, : hf_new.shape[1]], hf_new
+    )
+
+    main(["generate", "--ckpt", str(ckpt), "--prompt", "Hi", "--chat", "--max-new-tokens", "4"])
