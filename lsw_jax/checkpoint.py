@@ -160,12 +160,16 @@ def load_model(
     param_dtype: Any = None,
     adapter: str | Path | None = None,
     shardings: Any = None,
+    mesh: Any = None,
+    rules: Any = None,
 ) -> Any:
     """Load a converted checkpoint as a ``LlamaModel``.
 
     dtype: compute dtype (default: bf16 on accelerators, fp32 on CPU); param_dtype: storage
     dtype (default: ``dtype``). ``adapter``: a PEFT adapter directory or the name of an
-    adapter stored under ``ckpt/adapters`` to attach.
+    adapter stored under ``ckpt/adapters`` to attach. ``mesh`` (with optional ``rules``,
+    default ``sharding.LOGICAL_AXIS_RULES``): restore every backbone tensor straight into
+    the sharding its logical axes give (``shardings(path)`` overrides per tensor).
     """
     from lsw_jax.model.layers import default_dtype
     from lsw_jax.model.llama import LlamaModel
@@ -176,6 +180,11 @@ def load_model(
     model = nnx.eval_shape(
         lambda: LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
     )
+    if mesh is not None and shardings is None:
+        from lsw_jax import sharding as sh
+
+        rules, units = rules or sh.LOGICAL_AXIS_RULES, sh.head_units(cfg)
+        shardings = lambda p: sh.variable_sharding(_get_by_path(model, p), mesh, rules, units)
     for path, arr in load_params(ckpt, cfg, dtype=param_dtype, shardings=shardings):
         _get_by_path(model, path).value = arr
     if adapter is not None:

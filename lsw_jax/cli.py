@@ -54,15 +54,24 @@ def run_prompt(
     seed: int,
     dtype: str | None,
     adapter: str | None = None,
+    mesh=None,
 ) -> None:
-    """Answer one prompt; print the completion, then tokens/s measured after compilation."""
+    """Answer one prompt; print the completion, then tokens/s measured after compilation.
+
+    mesh: a ``jax.sharding.Mesh``: weights are restored straight into their shardings
+    (``lsw_jax.sharding``) and the same jitted generate runs tensor/FSDP-parallel."""
     import numpy as np
 
     from lsw_jax.checkpoint import load_model
     from lsw_jax.decode import generate
 
     tok = _load_tokenizer(ckpt)
-    model = load_model(ckpt, dtype=dtype, adapter=adapter)
+    if mesh is not None:
+        from lsw_jax.sharding import sharded_load_model
+
+        model = sharded_load_model(ckpt, mesh, dtype=dtype, adapter=adapter)
+    else:
+        model = load_model(ckpt, dtype=dtype, adapter=adapter)
     text = (
         tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         if chat and tok.chat_template
@@ -99,6 +108,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         dtype=args.dtype,
         adapter=args.adapter,
+        mesh=args.device_mesh,
     )
 
 
@@ -120,6 +130,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         seed=args.seed,
         dtype=args.dtype,
+        mesh=args.device_mesh,
     )
 
 
@@ -134,6 +145,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lsw-jax", description=__doc__)
+    _add_distributed(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="HF folder or .gguf -> Orbax checkpoint")
@@ -180,9 +192,54 @@ def _extra_commands():
     return registrars
 
 
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    """Options before the sub-command: ``lsw-jax --mesh tensor=8 generate ...``."""
+    env = os.environ.get
+    p.add_argument(
+        "--mesh",
+        default=env("LSW_JAX_MESH"),
+        help="device mesh, e.g. data=2,fsdp=-1,tensor=4 (-1: the rest); env LSW_JAX_MESH",
+    )
+    p.add_argument(
+        "--coordinator",
+        default=env("JAX_COORDINATOR_ADDRESS"),
+        help="multi-host: HOST:PORT of process 0 (env JAX_COORDINATOR_ADDRESS)",
+    )
+    p.add_argument("--num-processes", type=int, default=env("JAX_NUM_PROCESSES"))
+    p.add_argument("--process-id", type=int, default=env("JAX_PROCESS_ID"))
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() with cluster auto-detection (SLURM, MPI, TPU)",
+    )
+
+
+def init_distributed(args: argparse.Namespace):
+    """``jax.distributed.initialize`` when asked for, then the mesh of ``--mesh`` (or None).
+
+    Must run before any other jax call; every process runs the same command."""
+    if args.coordinator or args.distributed:
+        import jax
+
+        # Cross-process collectives between CPU devices go over gloo (no effect on GPUs);
+        # asking for the backend here would start it before initialize, which jax forbids.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    if not args.mesh:
+        return None
+    from lsw_jax.sharding import MeshConfig
+
+    return MeshConfig.parse(args.mesh).make()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        args.device_mesh = init_distributed(args)
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"lsw-jax {args.command}: error: {e}") from e

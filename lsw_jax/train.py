@@ -141,8 +141,12 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def make_train_step(graphdef: Any, optimizer: Any, adapter: AdapterConfig):
-    """jitted ``(trainable, rng_state, frozen, opt_state, batches[A, B, T]) -> ...``."""
+def make_train_step(graphdef: Any, optimizer: Any, adapter: AdapterConfig, shardings: Any = None):
+    """jitted ``(trainable, rng_state, frozen, opt_state, batches[A, B, T]) -> ...``.
+
+    shardings: optional ``(trainable, rng_state, opt_state)`` shardings the step's new
+    states keep (on a mesh: the next step then sees the same layouts, no recompile).
+    """
 
     def micro(trainable, rng_state, frozen, batch):
         def loss_fn(trainable):
@@ -171,6 +175,10 @@ def make_train_step(graphdef: Any, optimizer: Any, adapter: AdapterConfig):
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         metrics["loss"] = jnp.mean(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
+        if shardings is not None:
+            trainable, rng_state, opt_state = jax.lax.with_sharding_constraint(
+                (trainable, rng_state, opt_state), shardings
+            )
         return trainable, rng_state, opt_state, metrics
 
     return step
@@ -201,16 +209,26 @@ class Trainer:
     """Holds model, optimizer, data and the CheckpointManager of one run."""
 
     def __init__(
-        self, cfg: TrainConfig, *, model: Any = None, tokenizer: Any = None, batches: Any = None
+        self,
+        cfg: TrainConfig,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        batches: Any = None,
+        mesh: Any = None,
     ):
         """model/tokenizer default to those of ``cfg.ckpt``; ``batches`` (a data.Batches,
-        e.g. over a domain mixture) replaces the files of ``cfg.data``."""
+        e.g. over a domain mixture) replaces the files of ``cfg.data``. ``mesh``: a
+        ``jax.sharding.Mesh``; backbone, adapters and batches are then laid out by
+        ``sharding.LOGICAL_AXIS_RULES`` (data, FSDP and tensor parallel) and jit places
+        the collectives."""
         from lsw_jax.checkpoint import load_model
 
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
+        self.mesh = mesh
         if model is None:
-            model = load_model(cfg.ckpt, dtype=cfg.dtype)
+            model = load_model(cfg.ckpt, dtype=cfg.dtype, mesh=mesh)
         if tokenizer is None and batches is None:
             from lsw_jax.tokenizer import Tokenizer
 
@@ -223,9 +241,13 @@ class Trainer:
             model, LoRAParam, nnx.RngState, ...
         )
         self.optimizer = make_optimizer(cfg)
-        self.opt_state = self.optimizer.init(self.trainable)
+        shardings = None
+        if mesh is not None:
+            shardings = self._shard_states(mesh)
+        else:
+            self.opt_state = self.optimizer.init(self.trainable)
         self.batches = batches if batches is not None else build_data(cfg, tokenizer)
-        self.step_fn = make_train_step(self.graphdef, self.optimizer, cfg.adapter)
+        self.step_fn = make_train_step(self.graphdef, self.optimizer, cfg.adapter, shardings)
         self.step = 0
         self.manager = ocp.CheckpointManager(
             (self.out / "checkpoints").absolute(),
@@ -234,6 +256,40 @@ class Trainer:
             ),
         )
         self._restore_latest()
+
+    def _shard_states(self, mesh: Any) -> tuple:
+        """Place the states on ``mesh`` by the rules; returns (trainable, rng, opt) shardings."""
+        from lsw_jax import sharding as sh
+
+        units = sh.head_units(self.model.cfg)
+        self.trainable, self.rng_state, self.frozen = (
+            sh.place(s, sh.state_shardings(s, mesh, units=units))
+            for s in (self.trainable, self.rng_state, self.frozen)
+        )
+        opt_state = self.optimizer.init(self.trainable)  # moments inherit the params' layout
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.opt_state = sh.place(
+            opt_state,
+            jax.tree.map(
+                lambda x: (
+                    x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated
+                ),
+                opt_state,
+            ),
+        )
+        return jax.tree.map(lambda x: x.sharding, (self.trainable, self.rng_state, self.opt_state))
+
+    def _batch(self) -> dict[str, Array]:
+        """The next step's micro-batches ``[A, B, T]``; on a mesh, split along B."""
+        batch = _stack_micro(next(self.batches), self.cfg.grad_accum)
+        if self.mesh is None:
+            return batch
+        from lsw_jax import sharding as sh
+
+        axes = (None, "batch", "length")
+        return sh.place(
+            batch, {k: sh.named_sharding(axes, v.shape, self.mesh) for k, v in batch.items()}
+        )
 
     def _payload(self) -> dict[str, Any]:
         return {
@@ -254,8 +310,13 @@ class Trainer:
                 f"{self.out}: checkpoint was trained with adapter {meta['config']['adapter']}, "
                 f"this run asks for {self.cfg.adapter.to_dict()}"
             )
+        on_mesh = self.mesh is not None  # restore each array straight into its layout
         target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x,
+            lambda x: (
+                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if on_mesh else None)
+                if hasattr(x, "shape")
+                else x
+            ),
             self._payload(),
         )
         state = self.manager.restore(
@@ -291,7 +352,7 @@ class Trainer:
         with open(metrics_path, "a") as log:
             while self.step < target:
                 t0 = time.perf_counter()
-                batch = _stack_micro(next(self.batches), self.cfg.grad_accum)
+                batch = self._batch()
                 self.trainable, self.rng_state, self.opt_state, m = self.step_fn(
                     self.trainable, self.rng_state, self.frozen, self.opt_state, batch
                 )
@@ -368,7 +429,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         raw = {k: v for k, v in overrides.items() if v is not None}
         raw["adapter"] = {"kind": args.kind}
         cfg = TrainConfig.from_dict(raw)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, mesh=getattr(args, "device_mesh", None))
     trainer.run()
     trainer.finish()
     print(f"trained {cfg.adapter.kind} adapter -> {cfg.out_dir}")
