@@ -135,7 +135,7 @@ class AdapterPool:
                 axes=_AXES[name],
                 rngs=rngs,
             )
-            bank.a.value = jnp.zeros_like(bank.a.value)
+            bank.a.set_value(jnp.zeros_like(bank.a[...]))
             lin.lora = bank
             self._linears[_linear_key(i, name)] = lin
         model.router = None  # routing comes from the engine, per request
@@ -146,6 +146,7 @@ class AdapterPool:
         self._pins: collections.Counter[str] = collections.Counter()
         self._lru: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.version = 0  # bumped whenever device banks change (the engine re-splits then)
+        self.generation = [0] * capacity  # loads per slot: identifies a slot's contents
         self.stats = collections.Counter()
 
     # ------------------------------------------------------------------ registry
@@ -168,7 +169,15 @@ class AdapterPool:
         from lsw_jax.adapters.store import check_adapter_name
 
         check_adapter_name(name)
-        tensors = read_lora_tensors(self.model_cfg, source, self.ckpt)
+        return self.add(name, source, read_lora_tensors(self.model_cfg, source, self.ckpt))
+
+    def add(
+        self,
+        name: str,
+        source: str | Path,
+        tensors: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, float]],
+    ) -> HostAdapter:
+        """Register already-read LoRA tensors (``read_lora_tensors``'s format) as ``name``."""
         ranks = [a.shape[0] for a, _, _ in tensors.values()]
         if not ranks:
             raise ValueError(f"adapter {name!r} ({source}) has no LoRA weights")
@@ -253,8 +262,8 @@ class AdapterPool:
 
     def _load(self, name: str, slot: int) -> None:
         host = self._host[name]
-        a_all = {k: lin.lora.a.value for k, lin in self._linears.items()}
-        b_all = {k: lin.lora.b.value for k, lin in self._linears.items()}
+        a_all = {k: lin.lora.a[...] for k, lin in self._linears.items()}
+        b_all = {k: lin.lora.b[...] for k, lin in self._linears.items()}
         a_new, b_new = {}, {}
         for k, lin in self._linears.items():
             pa, pb = host.tensors.get(k, (None, None))
@@ -262,7 +271,9 @@ class AdapterPool:
             b_new[k] = pb if pb is not None else np.zeros((lin.out_features, self.rank), np.float32)
         a_out, b_out = _write_slot(a_all, b_all, a_new, b_new, jnp.int32(slot))
         for k, lin in self._linears.items():
-            lin.lora.a.value, lin.lora.b.value = a_out[k], b_out[k]
+            lin.lora.a.set_value(a_out[k])
+            lin.lora.b.set_value(b_out[k])
         self._slot_of[name], self._name_in[slot] = slot, name
         self.stats["loads"] += 1
+        self.generation[slot] += 1
         self.version += 1

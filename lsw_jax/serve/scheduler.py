@@ -4,15 +4,18 @@ Every engine step the scheduler decides:
 
 * the mode: ``merged`` runs the rows of ONE adapter with that adapter's delta merged into
   the weights (the linears skip LoRA); ``unmerged`` runs every row with its own adapter
-  through the LoRA path. Under ``policy="adaptive"`` the choice compares estimated
-  throughputs, ``n_merged / t_merged(n_merged)`` against ``n_unmerged / t_unmerged(n)``,
-  where ``t`` is an exponential moving average of MEASURED step times per mode and active
-  row count (nearest measured count when one is missing; a mode never measured is tried
-  once, and the other mode is re-tried every ``explore_every`` steps so the estimates
-  track the machine). A change of merged adapter costs one merge; its measured time is
-  spread over the expected remaining tokens of that adapter's rows. The resulting
-  run-time threshold (how many rows one adapter needs before merged wins) is
-  ``merge_threshold()``.
+  through the LoRA path. Under ``policy="adaptive"`` the choice compares the time to
+  advance every row with work (``n`` of them, up to the slots) by one token: unmerged
+  ``t_u(n)``, against merged ``t_m(n_m) + t_u(n - n_m)`` (the rows of the other adapters
+  are parked now and need a step of their own later) plus the merge when the adapter
+  changes (its measured time spread over the adapter's expected remaining tokens). ``t``
+  are exponential moving averages of MEASURED step times per mode and active row count
+  (nearest measured count when one is missing; a mode never measured is tried once, and
+  the other mode is re-tried every ``explore_every`` steps so the estimates track the
+  machine). The resulting run-time threshold (how many of the rows one adapter needs
+  before merged wins) is ``merge_threshold()``. Where a step's cost hardly depends on its
+  row count (a CPU, fixed-shape steps) this merges only batches of a single adapter;
+  where it grows with the rows, mixed batches can merge too.
 * which waiting requests join (admission into free rows) and which running ones leave
   (preemption: the request returns to the FRONT of its queue with its generated tokens;
   the engine re-prefills prompt + generated tokens when it resumes).
@@ -119,7 +122,8 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        # list() copies in one step: safe against the engine thread adding a queue.
+        return sum(len(q) for q in list(self.queues.values()))
 
     # ------------------------------------------------------------------ decisions
     def schedule(self, running: list[Any], free_rows: int) -> StepPlan:
@@ -172,33 +176,40 @@ class Scheduler:
         t_u = self.timing.estimate("unmerged", n_u)
         if t_m is None or t_u is None:  # explore the mode never measured
             return "merged" if t_m is None else "unmerged"
-        if n_m == n_u and m == self.merged_adapter:
-            guess = "merged"
-        else:
-            guess = self._compare(n_m, t_m, n_u, t_u, m, running)
+        guess = self._compare(n_m, t_m, n_u, t_u, m, running)
         if self.explore_every and self.steps % self.explore_every == self.explore_every - 1:
             return "unmerged" if guess == "merged" else "merged"
         return guess
 
     def _compare(self, n_m, t_m, n_u, t_u, m, running) -> str:
+        """Which mode advances the ``n_u`` rows with work by one token sooner.
+
+        Unmerged: one step, ``t_u(n_u)``. Merged: a step of the ``n_m`` rows of ``m`` plus,
+        for the other ``n_u - n_m`` rows (parked now, run later), an unmerged step of
+        their size, plus the merge when ``m`` is not the adapter merged already (spread
+        over the expected remaining tokens of ``m``'s requests)."""
+        rest = n_u - n_m
+        t_rest = (self.timing.estimate("unmerged", rest) or t_u) if rest else 0.0
         switch = 0.0
         if m != self.merged_adapter and m != "":
             left = [r.num_tokens_left for r in running if adapter_key(r) == m]
             left += [r.num_tokens_left for r in self.queues.get(m, ())]
             horizon = max(1.0, sum(left) / max(1, len(left)))
             switch = (self.timing.merge_seconds or t_m) / horizon
-        return "merged" if n_m / (t_m + switch) >= n_u / t_u else "unmerged"
+        return "merged" if t_m + switch + t_rest < t_u else "unmerged"
 
     def merge_threshold(self, n_total: int) -> int | None:
-        """Fewest rows of one adapter (out of ``n_total`` active) for which merged wins
-        under the current estimates (None: not measured yet, or never)."""
+        """Fewest rows of one adapter (out of ``n_total`` with work) for which merged wins
+        under the current estimates, switch cost aside (None: not measured, or never)."""
         n_u = min(self.slots, n_total)
         t_u = self.timing.estimate("unmerged", n_u)
         if t_u is None:
             return None
         for n in range(1, n_u + 1):
             t_m = self.timing.estimate("merged", n)
-            if t_m is not None and n / t_m >= n_u / t_u:
+            rest = n_u - n
+            t_rest = (self.timing.estimate("unmerged", rest) or t_u) if rest else 0.0
+            if t_m is not None and t_m + t_rest < t_u:
                 return n
         return None
 
