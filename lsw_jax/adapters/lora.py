@@ -171,7 +171,8 @@ def iter_linears(model: Any, targets: tuple[str, ...]):
                     yield i, name, lin
 
 
-_AXES = {
+# Logical axes (out, in) of each adaptable linear; banks inherit them.
+LINEAR_AXES = {
     "q_proj": ("heads", "embed"),
     "k_proj": ("kv_heads", "embed"),
     "v_proj": ("kv_heads", "embed"),
@@ -205,7 +206,7 @@ def attach_adapter(
             rank=r,
             scale=(scales or {}).get((i, name), cfg.scale),
             dropout=cfg.dropout,
-            axes=_AXES[name],
+            axes=LINEAR_AXES[name],
             rngs=rngs,
         )
     d = model.cfg.hidden_size
@@ -221,7 +222,7 @@ def attach_adapter(
 
 
 def detach_adapter(model: Any) -> Any:
-    for i, name, lin in iter_linears(model, tuple(_AXES)):
+    for i, name, lin in iter_linears(model, tuple(LINEAR_AXES)):
         del i, name
         lin.lora = None
     model.router = None

@@ -117,7 +117,7 @@ class AdapterPool:
         targets: tuple[str, ...] = ALL_TARGETS,
         ckpt: str | Path | None = None,
     ):
-        from lsw_jax.adapters.lora import _AXES, LoraBank, iter_linears
+        from lsw_jax.adapters.lora import LINEAR_AXES, LoraBank, iter_linears
 
         if capacity < 1 or rank < 1:
             raise ValueError(f"{capacity=} and {rank=} must be >= 1")
@@ -132,7 +132,7 @@ class AdapterPool:
                 num_experts=capacity,
                 rank=rank,
                 scale=1.0,
-                axes=_AXES[name],
+                axes=LINEAR_AXES[name],
                 rngs=rngs,
             )
             bank.a.set_value(jnp.zeros_like(bank.a[...]))
