@@ -64,8 +64,6 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if not self.data:
-            raise ValueError("data: give at least one .txt or .jsonl file")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -126,6 +124,7 @@ def lm_loss(
         aux = aux / len(routings)
         z = sum(router_z_loss(r, token_mask) for r in routings) / len(routings)
         total = total + adapter.aux_loss_coef * aux + adapter.router_z_loss_coef * z
+        # Load and entropy of the first routing (MoLA: layer 0; switch: the only one).
         stats = routing_stats(routings[0], adapter.num_experts, token_mask)
         metrics.update(aux_loss=aux, z_loss=z, **stats)
     return total, metrics
@@ -190,6 +189,8 @@ def make_train_step(graphdef: Any, optimizer: Any, adapter: AdapterConfig, shard
 def build_data(cfg: TrainConfig, tokenizer: Any):
     from lsw_jax.data import Batches, load_documents, pack_documents
 
+    if not cfg.data:
+        raise ValueError("data: give at least one .txt or .jsonl file")
     docs = load_documents(cfg.data)
     packed = pack_documents(docs, tokenizer, cfg.seq_len)
     if len(packed) < cfg.batch_size * cfg.grad_accum:
@@ -362,6 +363,7 @@ class Trainer:
                 m.update(step=self.step, tokens_per_s=batch["input_ids"].size / dt)
                 history.append(m)
                 log.write(json.dumps(m) + "\n")
+                log.flush()  # readable while the run goes on
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
                 bar.update(1)
                 self.save()

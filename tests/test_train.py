@@ -112,6 +112,9 @@ def test_grad_accumulation_matches_large_batch(tmp_path):
 
 
 def test_bad_training_inputs(tmp_path):
+    with pytest.raises(ValueError, match="data: give at least one"):
+        tr = _trainer(tmp_path, "nodata")
+        Trainer(dataclasses.replace(tr.cfg, data=()), model=tr.model, tokenizer=ByteTokenizer())
     with pytest.raises(ValueError, match="batch_size=0"):
         TrainConfig(ckpt="x", data=("a.txt",), out_dir="o", batch_size=0)
     with pytest.raises(ValueError, match="unknown training config fields"):
