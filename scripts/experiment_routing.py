@@ -289,7 +289,7 @@ def run_method(model, method: str, seed: int, args, train: PackedDataset, held, 
     adapter = adapter_for(method, args)
     cfg = TrainConfig(
         ckpt="unused",
-        data=("in-memory",),
+        data=(),
         out_dir=str(pathlib.Path(workdir) / f"{method}-s{seed}"),
         adapter=adapter,
         seq_len=args.seq_len,
