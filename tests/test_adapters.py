@@ -96,7 +96,8 @@ def test_switch_routing_shared_mola_per_layer(tiny):
     )
 
 
-def test_dense_delta_matches_float64_loop():
+@pytest.mark.parametrize("shape", [(2, 4), (1, 1), (1, 2)])  # all-experts and gathered paths
+def test_dense_delta_matches_float64_loop(shape):
     from flax import nnx
 
     from lsw_jax.adapters.lora import LoraBank
@@ -104,14 +105,14 @@ def test_dense_delta_matches_float64_loop():
     bank = LoraBank(12, 10, num_experts=5, rank=3, scale=0.7, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     bank.b.value = jnp.asarray(rng.normal(size=(5, 10, 3)), jnp.float32)
-    x = rng.normal(size=(2, 4, 12)).astype(np.float32)
-    ids = rng.integers(0, 5, (2, 4, 2)).astype(np.int32)
-    gates = rng.random((2, 4, 2)).astype(np.float32)
+    x = rng.normal(size=(*shape, 12)).astype(np.float32)
+    ids = rng.integers(0, 5, (*shape, 2)).astype(np.int32)
+    gates = rng.random((*shape, 2)).astype(np.float32)
     got = np.asarray(bank.delta(jnp.asarray(x), Routing(jnp.asarray(ids), jnp.asarray(gates))))
     a, b = np.asarray(bank.a[...], np.float64), np.asarray(bank.b[...], np.float64)
-    want = np.zeros((2, 4, 10))
-    for i in range(2):
-        for t in range(4):
+    want = np.zeros((*shape, 10))
+    for i in range(shape[0]):
+        for t in range(shape[1]):
             for j in range(2):
                 e = ids[i, t, j]
                 want[i, t] += 0.7 * gates[i, t, j] * (b[e] @ (a[e] @ x[i, t]))

@@ -65,3 +65,25 @@ def test_merged_refused_for_mola_and_unknown_plan():
         lsw_jax.generate(model, ids, 4, plan="merged")
     with pytest.raises(ValueError, match="plan='fast'"):
         lsw_jax.generate(model, ids, 4, plan="fast")
+
+
+def test_unmerged_plan_runs_the_pallas_kernel_in_interpret_mode(monkeypatch):
+    """The GPU code path of the model (kernel dispatch), interpreted on CPU."""
+    import pallas_kernels.lora_unmerged as lu
+    import pallas_kernels.switch_merge as sm
+
+    model = _adapted("switch", num_experts=4, top_k=2)
+    ids = np.random.default_rng(4).integers(0, 128, (2, 5))
+    dense = lsw_jax.generate(model, ids, 3, plan="dense", eos_token_id=[])
+    calls = []
+    real = sm.resolve_impl
+
+    def force_pallas(impl, interpret):
+        calls.append(impl)
+        return real("pallas", True) if impl == "auto" else real(impl, interpret)
+
+    monkeypatch.setattr(sm, "resolve_impl", force_pallas)
+    monkeypatch.setattr(lu, "resolve_impl", force_pallas)
+    got = lsw_jax.generate(model, ids, 3, plan="unmerged", eos_token_id=[])
+    assert calls  # the kernel dispatch really ran
+    np.testing.assert_array_equal(got, dense)

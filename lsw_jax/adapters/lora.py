@@ -124,20 +124,36 @@ class LoraBank(nnx.Module):
     def delta(self, x: Array, routing: Routing) -> Array:
         """The LoRA contribution for x [B, T, in] under ``routing`` ([B, T, k]) (dense plan).
 
-        Computes x.A for all E experts (E*r is small next to in/out) and weights B by the
-        dense gate matrix: differentiable, and the training plan.
+        Few tokens (decode): gather just the selected experts' A and B. Many tokens
+        (training, prefill): x.A for all E experts (E*r is small next to in/out), then B
+        weighted by the dense gate matrix; it avoids materialising per-token copies of B.
+        Both are differentiable.
         """
         dt = x.dtype
         if self.dropout is not None:
             x = self.dropout(x)
+        a, b = self.a[...].astype(dt), self.b[...].astype(dt)
+        bsz, t, _ = x.shape
+        ids, gates = routing.expert_ids, (routing.gates * self.scale).astype(dt)
+        if bsz * t * ids.shape[-1] <= self.num_experts:
+            xa = jnp.einsum("bti,btkri->btkr", x, jnp.take(a, ids, axis=0))
+            return jnp.einsum("btkr,btkor->bto", xa * gates[..., None], jnp.take(b, ids, axis=0))
         w = dense_gate_weights(routing, self.num_experts) * self.scale  # [B, T, E]
-        xa = jnp.einsum("bti,eri->bter", x, self.a[...].astype(dt))
-        return jnp.einsum("bter,eor->bto", xa * w[..., None].astype(dt), self.b[...].astype(dt))
+        xa = jnp.einsum("bti,eri->bter", x, a)
+        return jnp.einsum("bter,eor->bto", xa * w[..., None].astype(dt), b)
 
     def unmerged(self, x: Array, w: Array, bias: Array | None, routing: Routing) -> Array:
-        """``x.W^T + bias + delta`` through the fused kernel (each row its own experts)."""
-        from pallas_kernels.lora_unmerged import lora_unmerged
+        """``x.W^T + bias + delta`` through the fused kernel (each row its own experts).
 
+        Off-GPU there is no compiled kernel; XLA's own products (the dense plan) serve.
+        """
+        from pallas_kernels.lora_unmerged import lora_unmerged
+        from pallas_kernels.switch_merge import resolve_impl
+
+        if resolve_impl("auto", None)[0] == "reference":
+            y = jnp.einsum("...i,oi->...o", x, w)
+            y = y if bias is None else y + bias
+            return y + self.delta(x, routing).astype(y.dtype)
         b, t, d = x.shape
         k = routing.expert_ids.shape[-1]
         y = lora_unmerged(
