@@ -98,17 +98,7 @@ def run_prompt(
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     run_prompt(
-        Path(args.ckpt),
-        args.prompt,
-        chat=args.chat,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        dtype=args.dtype,
-        adapter=args.adapter,
-        mesh=args.device_mesh,
+        Path(args.ckpt), args.prompt, chat=args.chat, adapter=args.adapter, **_run_kwargs(args)
     )
 
 
@@ -120,10 +110,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if not (ckpt / "config.json").exists():
         print(f"converting {gguf.name} -> {ckpt} (once)", file=sys.stderr)
         convert_checkpoint(gguf, ckpt, overwrite=True)
-    run_prompt(
-        ckpt,
-        args.prompt,
-        chat=True,
+    run_prompt(ckpt, args.prompt, chat=True, **_run_kwargs(args))
+
+
+def _run_kwargs(args: argparse.Namespace) -> dict:
+    """Sampling, dtype and mesh options shared by ``generate`` and ``demo``."""
+    return dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,

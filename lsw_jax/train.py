@@ -101,10 +101,8 @@ def _routings(routing: Any) -> list[Routing]:
     return routing if isinstance(routing, list) else [routing]
 
 
-def lm_loss(
-    model: Any, batch: dict[str, Array], adapter: AdapterConfig
-) -> tuple[Array, dict[str, Array]]:
-    """Masked next-token cross-entropy + aux losses; returns (total, metrics)."""
+def token_nll(model: Any, batch: dict[str, Array]) -> tuple[Array, Any]:
+    """Per-token ``-log p(targets)`` [B, T] of a packed batch, and the model output."""
     out = model.forward(
         batch["input_ids"],
         positions=batch["positions"],
@@ -112,7 +110,14 @@ def lm_loss(
         attention_mask=batch["segment_ids"] > 0,
     )
     logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    return -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0], out
+
+
+def lm_loss(
+    model: Any, batch: dict[str, Array], adapter: AdapterConfig
+) -> tuple[Array, dict[str, Array]]:
+    """Masked next-token cross-entropy + aux losses; returns (total, metrics)."""
+    nll, out = token_nll(model, batch)
     mask = batch["loss_mask"]
     n_tok = jnp.maximum(mask.sum(), 1.0)
     ce = jnp.sum(nll * mask) / n_tok

@@ -56,7 +56,7 @@ from lsw_jax.data import (
     shakespeare_domains,
     synthetic_skills,
 )
-from lsw_jax.train import TrainConfig, Trainer
+from lsw_jax.train import TrainConfig, Trainer, token_nll
 
 DEFAULT_CKPT = pathlib.Path.home() / ".cache" / "lsw-jax" / "SmolLM2-135M-Instruct.Q4_1"
 METHODS = ("lora", "mola", "switch")
@@ -179,14 +179,7 @@ def make_eval_fn(adapter: AdapterConfig | None):
     @jax.jit
     def evaluate(graphdef, state, batch):
         model = nnx.merge(graphdef, *state)
-        out = model.forward(
-            batch["input_ids"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            attention_mask=batch["segment_ids"] > 0,
-        )
-        logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        nll, out = token_nll(model, batch)
         res = {"nll": jnp.sum(nll * batch["loss_mask"]), "n": batch["loss_mask"].sum()}
         if adapter is None or adapter.kind == "lora":
             return res
