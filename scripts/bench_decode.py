@@ -332,7 +332,7 @@ def run_adapter_suite(model, args, batches, torch_dev) -> list[dict]:
         for _, _, lin in iter_linears(model, AdapterConfig().targets):
             lin.weight.value = base_w[id(lin)]
 
-    unmerged_impl = "Pallas kernel" if jax.default_backend() == "gpu" else "jnp reference"
+    unmerged_impl = "Pallas kernel" if jax.default_backend() == "gpu" else "XLA products"
     for b in batches:
         ids = _prompts(model.cfg.vocab_size, b, args.prompt_len)
         restore()
