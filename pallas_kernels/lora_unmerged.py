@@ -82,7 +82,11 @@ def _fused_kernel(
     e_slots = [
         plgpu.load(e_ref.at[:, jnp.int32(s)], mask=row_ok, other=_NO_EXPERT) for s in range(k)
     ]
-    u_slots = [u_ref[:, jnp.int32(s), :] for s in range(k)]  # each [bn, r_blk] fp32 (rank-padded)
+    # each [bn, r_blk] fp32 (rank-padded); masked: a decode batch has fewer rows than bn
+    u_slots = [
+        plgpu.load(u_ref.at[:, jnp.int32(s), :], mask=row_ok[:, None], other=0.0)
+        for s in range(k)
+    ]
 
     def expert_step(q, acc):
         ex = uniq_ref[q]
