@@ -31,6 +31,7 @@ from flax import nnx
 
 from lsw_jax.config import ModelConfig
 from lsw_jax.convert.hf import StatePath, hf_key_table
+from lsw_jax.linears import checkpoint_axes, iter_checkpoint_tensors, set_checkpoint_tensors
 
 FORMAT_VERSION = 1
 
@@ -104,11 +105,7 @@ def save_model(model: Any, ckpt: str | Path, *, overwrite: bool = False) -> None
     cfg: ModelConfig = model.cfg
     with atomic_directory(Path(ckpt), overwrite=overwrite) as tmp:
         write_config(tmp, cfg)
-        pairs = (
-            (path, np.asarray(_get_by_path(model, path)[...]))
-            for path, _ in hf_key_table(cfg).values()
-        )
-        save_params_streaming(tmp, cfg, pairs)
+        save_params_streaming(tmp, cfg, iter_checkpoint_tensors(model))
 
 
 def read_config(ckpt: str | Path) -> ModelConfig:
@@ -184,9 +181,15 @@ def load_model(
         from lsw_jax import sharding as sh
 
         rules, units = rules or sh.LOGICAL_AXIS_RULES, sh.head_units(cfg)
-        shardings = lambda p: sh.variable_sharding(_get_by_path(model, p), mesh, rules, units)
-    for path, arr in load_params(ckpt, cfg, dtype=param_dtype, shardings=shardings):
-        _get_by_path(model, path).value = arr
+        shapes = {path: shape for path, shape in hf_key_table(cfg).values()}
+
+        def shardings(p):
+            axes = checkpoint_axes(p)
+            if axes is None:
+                return sh.variable_sharding(_get_by_path(model, p), mesh, rules, units)
+            return sh.named_sharding(axes, shapes[p], mesh, rules, units)
+
+    set_checkpoint_tensors(model, load_params(ckpt, cfg, dtype=param_dtype, shardings=shardings))
     if adapter is not None:
         from lsw_jax.adapters.store import attach_saved_adapter
 

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lsw_jax.linears import ALL_TARGETS
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -232,7 +234,6 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> tuple[Any, fl
 
 
 ADAPTER_KINDS = ("switch", "mola", "lora")
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _TARGET_ALIASES = {name.split("_")[0]: name for name in ALL_TARGETS}
 
 

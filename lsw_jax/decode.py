@@ -1,8 +1,9 @@
-"""Jitted generation: prefill plus a ``lax.while_loop`` of decode steps in ONE function.
+"""Jitted generation: prefill plus a ``lax.while_loop`` of decode steps in ONE function,
+both through ``decode_step`` (the step the serving engine runs too).
 
 No Python runs per token. Prompts are left-padded into a shape bucket so a new prompt
 length rarely recompiles; the compiled function is cached per
-(graphdef, batch, prompt bucket, cache bucket, max_new_tokens, sampling mode, plan).
+(graphdef, batch, prompt bucket, cache bucket, max_new_tokens, plan, impl).
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsw_jax.merged import check_mergeable, init_merged, merged_forward, stack_groups
-from lsw_jax.model.llama import KVCache
+from lsw_jax.adapters.lora import Routing, RowRouter
+from lsw_jax.model.llama import KVCache, ModelOutput
+from lsw_jax.plans import (
+    MergedWeights,
+    Plan,
+    as_plan,
+    check_impl,
+    check_mergeable,
+    prepare_unmerged,
+    selection_size,
+)
+from lsw_jax.sampling import RowSampling, SamplingParams, sample_rows
 
 Array = jax.Array
-
-
-PLANS = ("dense", "unmerged", "merged")
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -34,102 +42,104 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """Sampling settings; ``temperature == 0`` is greedy."""
+def decode_step(
+    model: Any,
+    tokens: Array,  # [B, T]
+    positions: Array,  # [B, T]
+    token_mask: Array | None,  # [B, T]: real tokens (None: all)
+    cache: KVCache,
+    plan: Plan,
+    weights: Any,
+    routing: Routing | RowRouter | None = None,
+) -> ModelOutput:
+    """One forward over new tokens with the KV cache: the step of ``generate``'s prefill
+    and loop and of the engine's prefill and decode.
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    ``weights``: the plan's prepared weights (``lsw_jax.plans``): per layer FusedBanks
+    (unmerged), a ``MergedWeights`` already switched to the selection (merged) or None
+    (dense). ``routing``: per-row experts given by the caller (the engine's ``RowRouter``);
+    None routes through the model's own router(s).
+    """
+    if plan is Plan.MERGED:
+        weights = weights.layer_weights(len(model.layers))
+    return model.forward(
+        tokens,
+        attention_mask=token_mask,
+        positions=positions,
+        cache=cache,
+        routing=routing,
+        plan=plan,
+        plan_weights=weights,
+    )
 
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+def switch_to_first_row(model: Any, weights: MergedWeights, tokens: Array) -> MergedWeights:
+    """The merged plan of ``generate``: merge row 0's pre-gated selection of ``tokens``
+    [B, 1] (all rows share it; ``check_mergeable`` ensures they may)."""
+    routing = model.route(tokens)
+    return weights.switch(routing.expert_ids[0, 0], routing.gates[0, 0])
 
 
-def sample_logits(
-    logits: Array, key: Array, temperature: Array, top_p: Array, *, top_k: int, greedy: bool
-) -> Array:
-    """Next token ids [B] from logits [B, V]: greedy, or temperature + top-k + top-p."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    cum_before = jnp.cumsum(probs, axis=-1) - probs
-    cutoff_idx = jnp.sum(cum_before < top_p, axis=-1, keepdims=True) - 1
-    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+def prepare_weights(model: Any, plan: Plan, impl: str = "auto") -> tuple[Any, Any]:
+    """(prefill weights, decode weights) of ``plan`` for the model's attached adapter.
+
+    Merged decoding prefills unmerged: prompt tokens each route to their own experts.
+    """
+    if plan is Plan.DENSE:
+        return None, None
+    banks = prepare_unmerged(model, impl)
+    if plan is Plan.UNMERGED:
+        return banks, banks
+    return banks, MergedWeights.create(model, banks, selection_size(model))
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "cache_len", "top_k", "greedy", "plan"),
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "plan", "impl")
 )
 def _generate_jit(
     graphdef: Any,
     state: Any,
     input_ids: Array,  # [B, T] left-padded
     attention_mask: Array,  # [B, T]
-    key: Array,
-    temperature: Array,
-    top_p: Array,
-    eos_ids: Array,  # [n_eos] int32 (may be empty)
+    rs: RowSampling,
+    stop_ids: Array,  # [n_stop] int32 (may be empty)
     *,
     max_new_tokens: int,
     cache_len: int,
-    top_k: int,
-    greedy: bool,
-    plan: str,
+    plan: Plan,
+    impl: str,
 ) -> tuple[Array, Array]:
     model = nnx.merge(graphdef, state)
     b, _ = input_ids.shape
     cache = KVCache.create(model.cfg, b, cache_len, model.dtype)
-    # Prompt tokens each route to their own experts: merged decoding prefills unmerged.
-    prefill_plan = "unmerged" if plan == "merged" else plan
-    out = model.forward(input_ids, attention_mask=attention_mask, cache=cache, plan=prefill_plan)
-    positions = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # next position per row
-    key, sub = jax.random.split(key)
-    tok = sample_logits(out.logits[:, -1], sub, temperature, top_p, top_k=top_k, greedy=greedy)
+    prefill_weights, weights = prepare_weights(model, plan, impl)
+    prefill_plan = Plan.UNMERGED if plan is Plan.MERGED else plan
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    out = decode_step(
+        model, input_ids, positions, attention_mask, cache, prefill_plan, prefill_weights
+    )
+    pos = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # next position per row
+    tok = sample_rows(out.logits[:, -1], rs)
     tokens = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok)
-    done = jnp.isin(tok, eos_ids)
-    fill = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
-
-    if plan == "merged":
-        groups = stack_groups(model)
-        plan_state = init_merged(model, groups)
-    else:
-        plan_state = ()
+    done = jnp.isin(tok, stop_ids)
+    fill = stop_ids[0] if stop_ids.shape[0] else jnp.int32(0)
 
     def cond(carry):
         step, done = carry[0], carry[4]
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, tok, cache, pos, done, tokens, key, plan_state = carry
-        if plan == "merged":
-            out, plan_state = merged_forward(
-                model, tok[:, None], pos[:, None], cache, plan_state, groups
-            )
-        else:
-            out = model.forward(tok[:, None], positions=pos[:, None], cache=cache, plan=plan)
-        key, sub = jax.random.split(key)
-        nxt = sample_logits(out.logits[:, -1], sub, temperature, top_p, top_k=top_k, greedy=greedy)
-        nxt = jnp.where(done, fill, nxt)
+        step, tok, cache, pos, done, tokens, rs, weights = carry
+        if plan is Plan.MERGED:
+            weights = switch_to_first_row(model, weights, tok[:, None])
+        out = decode_step(model, tok[:, None], pos[:, None], None, cache, plan, weights)
+        rs = rs.advance()
+        nxt = jnp.where(done, fill, sample_rows(out.logits[:, -1], rs))
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
-        done = done | jnp.isin(nxt, eos_ids)
-        return step + 1, nxt, out.cache, pos + 1, done, tokens, key, plan_state
+        done = done | jnp.isin(nxt, stop_ids)
+        return step + 1, nxt, out.cache, pos + 1, done, tokens, rs, weights
 
-    carry = (jnp.int32(1), tok, out.cache, positions, done, tokens, key, plan_state)
+    carry = (jnp.int32(1), tok, out.cache, pos, done, tokens, rs, weights)
     step, *_, tokens, _, _ = jax.lax.while_loop(cond, body, carry)
     # Rows that stopped early, or a loop that ended with every row done, fill with EOS.
     idx = jnp.arange(max_new_tokens)[None, :]
@@ -169,23 +179,28 @@ def generate(
     seed: int = 0,
     eos_token_id: int | list[int] | None = None,
     attention_mask: Any = None,
-    plan: str = "dense",
+    plan: Plan | str = Plan.DENSE,
+    impl: str = "auto",
 ) -> np.ndarray:
     """Generate ``max_new_tokens`` per row; returns new token ids ``[B, max_new_tokens]``.
 
     input_ids: ``[B, T]`` (or ``[T]``); padding anywhere is removed through
     ``attention_mask`` and rows are re-packed left-padded. Rows that emit an EOS id stop;
     their remaining slots hold that EOS id. ``temperature == 0`` is greedy; otherwise
-    temperature, top-k (0 = off) and top-p sampling, reproducible for a ``seed``.
+    temperature, top-k (0 = off) and top-p sampling (``lsw_jax.sampling``), reproducible
+    for a ``seed`` (each row draws from its own key).
 
-    plan: how adapters apply (DESIGN.md): ``dense`` (jnp), ``unmerged`` (fused kernel, each
-    token its own experts) or ``merged`` (experts merged into the weights and switched per
-    token; falls back to ``unmerged`` with a warning where rows would need different
-    experts at once, and for per-layer routing).
+    plan: how adapters apply (``lsw_jax.plans``): ``dense`` (jnp), ``unmerged`` (fused
+    kernel, each token its own experts) or ``merged`` (experts merged into the weights and
+    switched per token; falls back to ``unmerged`` with a warning where rows would need
+    different experts at once, and for per-layer routing). impl: the unmerged op's
+    implementation, "auto" (Pallas on a GPU, its jnp reference elsewhere), "pallas" or
+    "reference".
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    sampling = Sampling(temperature, top_k, top_p)
+    plan, impl = as_plan(plan), check_impl(impl)
+    params = SamplingParams(
+        max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    )
     cfg = model.cfg
     mask_np = None if attention_mask is None else np.asarray(attention_mask)
     ids_np = np.asarray(input_ids)
@@ -201,30 +216,28 @@ def generate(
         bucket(t + max_new_tokens), max(t + max_new_tokens, cfg.max_position_embeddings)
     )
     if eos_token_id is None:
-        eos = list(cfg.eos_token_ids)
+        eos = tuple(cfg.eos_token_ids)
     else:
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if plan not in PLANS:
-        raise ValueError(f"plan={plan!r} must be one of {PLANS}")
-    if plan == "merged":
+        eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    if plan is Plan.MERGED:
         why_not = check_mergeable(model, ids.shape[0])
         if why_not is not None:
             warnings.warn(f"merged plan not applicable ({why_not}); using unmerged", stacklevel=2)
-            plan = "unmerged"
+            plan = Plan.UNMERGED
+    # Each row its own seed, derived from the call's: equal prompts still sample apart.
+    row_seeds = np.random.SeedSequence(seed).generate_state(ids.shape[0]).tolist()
+    rows = [dataclasses.replace(params, seed=s) for s in row_seeds]
     graphdef, state = nnx.split(model)
     tokens, _ = _generate_jit(
         graphdef,
         state,
         jnp.asarray(ids),
         jnp.asarray(mask),
-        jax.random.key(seed),
-        jnp.float32(sampling.temperature),
-        jnp.float32(sampling.top_p),
-        jnp.asarray(eos, jnp.int32).reshape(-1),
+        RowSampling.from_params(rows),
+        jnp.asarray(params.stop_ids(eos), jnp.int32).reshape(-1),
         max_new_tokens=max_new_tokens,
         cache_len=cache_len,
-        top_k=sampling.top_k,
-        greedy=sampling.temperature == 0.0,
         plan=plan,
+        impl=impl,
     )
     return np.asarray(tokens)

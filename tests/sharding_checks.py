@@ -91,8 +91,8 @@ def check_forward_and_generate(out: dict, tmp: Path) -> None:
             attn = model.layers[0].self_attn
             out[f"forward/{cname}/{mname}"] = {
                 "rel_err": rel_err(logits, ref_logits),
-                "q_spec": str(attn.q_proj.weight[...].sharding.spec),
-                "k_spec": str(attn.k_proj.weight[...].sharding.spec),
+                "qkv_spec": str(attn.qkv_proj.weight[...].sharding.spec),
+                "o_spec": str(attn.o_proj.weight[...].sharding.spec),
                 "logits_devices": len(logits.sharding.device_set),
             }
             if (cname, mname) in GENERATE:  # each generate compiles a while loop: two cases
@@ -106,7 +106,7 @@ def check_bytes(out: dict, tmp: Path) -> None:
     mesh = sh.MeshConfig.parse(MESHES["data2_fsdp2_tensor2"]).make()
     model = sh.shard_model(init_model(CONFIGS["divisible"], seed=0, dtype="float32"), mesh)
     total, per_device = sh.param_bytes(model)
-    q = model.layers[0].self_attn.q_proj.weight[...]
+    q = model.layers[0].self_attn.qkv_proj.weight[...]
     norm = model.norm.weight[...]
     out["bytes"] = {
         "total": total,
@@ -142,8 +142,8 @@ def check_sharded_load(out: dict, tmp: Path) -> None:
         "mismatched": mismatched,
         "max_rel_err": max_err,
         "n_params": len(flat_loaded),
-        "q_spec": str(attn.q_proj.weight[...].sharding.spec),
-        "k_spec": str(attn.k_proj.weight[...].sharding.spec),
+        "qkv_spec": str(attn.qkv_proj.weight[...].sharding.spec),
+        "o_spec": str(attn.o_proj.weight[...].sharding.spec),
         "embed_spec": str(loaded.embed_tokens[...].sharding.spec),
     }
 

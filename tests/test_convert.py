@@ -126,7 +126,7 @@ def test_sharded_bf16_checkpoint_converts(hf_dir, tmp_path):
         tmp_path / "sharded", tmp_path / "bf16", dtype="bfloat16", show_progress=False
     )
     low = lsw_jax.load_model(tmp_path / "bf16", dtype="float32")
-    assert low.layers[0].self_attn.q_proj.weight[...].dtype == np.float32
+    assert low.layers[0].self_attn.qkv_proj.weight[...].dtype == np.float32
     assert rel_err(np.asarray(low(ids)), hf_logits(hf, ids)) < 2e-2
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from test_serve_fixtures import make_engine, prompts, reference_greedy
 
-from lsw_jax.serve.engine import TRACE_COUNTS, Request, SamplingParams
+from lsw_jax.sampling import SamplingParams
+from lsw_jax.serve.engine import TRACE_COUNTS, Request
 
 N_NEW = 8
 
@@ -80,7 +81,7 @@ def test_preemption_keeps_generated_tokens():
         eng.step()
     kept = list(victim.output)
     assert len(kept) >= 5
-    eng._preempt(victim)  # what the scheduler does when a starved adapter needs the row
+    eng.preempt(victim)  # what the scheduler does when a starved adapter needs the row
     assert victim.row is None and victim.output == kept
     eng.run_until_idle()
     assert victim.preemptions == 1 and victim.output[: len(kept)] == kept
@@ -123,9 +124,9 @@ def test_cancel_frees_the_row():
     eng.cancel(rs[0])
     eng.step()
     assert rs[0].finish_reason == "cancelled" and eng.num_running == 1
-    assert eng.pool._pins["a1"] == 1
+    assert eng.pool.pins("a1") == 1
     eng.run_until_idle()
-    assert eng.pool._pins["a1"] == 0
+    assert eng.pool.pins("a1") == 0
 
 
 def test_validation_messages():

@@ -87,10 +87,10 @@ def _base_model():
 
 
 @functools.cache
-def _lora_tensors(name: str):
-    from lsw_jax.serve.adapter_pool import read_lora_tensors
+def host_adapter(name: str):
+    from lsw_jax.serve.adapter_pool import read_adapter
 
-    return read_lora_tensors(_base_model().cfg, name, tiny_checkpoint())
+    return read_adapter(_base_model().cfg, name, name, tiny_checkpoint())
 
 
 def make_engine(*, adapters=ADAPTERS, pool_slots=POOL, **kw):
@@ -103,7 +103,7 @@ def make_engine(*, adapters=ADAPTERS, pool_slots=POOL, **kw):
     model = nnx.clone(_base_model())
     pool = AdapterPool(model, capacity=pool_slots, rank=4, ckpt=tiny_checkpoint())
     for name in adapters:
-        pool.add(name, name, _lora_tensors(name))
+        pool.add(host_adapter(name))
     kw = {"slots": SLOTS, "max_len": MAX_LEN, "max_prefill_rows": 2, **kw}
     return Engine(model, pool=pool, **kw)
 

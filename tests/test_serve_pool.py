@@ -14,7 +14,8 @@ from test_serve_fixtures import (
 
 from lsw_jax.adapters.lora import iter_linears
 from lsw_jax.config import ALL_TARGETS
-from lsw_jax.serve.engine import Request, SamplingParams
+from lsw_jax.sampling import SamplingParams
+from lsw_jax.serve.engine import Request
 
 
 def test_slot_holds_scaled_padded_adapter_exactly():
@@ -23,11 +24,10 @@ def test_slot_holds_scaled_padded_adapter_exactly():
     eng = make_engine()
     slot = eng.pool.acquire("a2")  # rank 4 on q/v only
     ref = reference_model("a2")
-    lins = {(i, n): lin for i, n, lin in iter_linears(ref, ALL_TARGETS)}
-    for key, lin in eng.pool._linears.items():
-        i, name = key.split(".")
-        got = np.asarray(lin.lora.b[...][slot]) @ np.asarray(lin.lora.a[...][slot])
-        want_lin = lins[(int(i), name)]
+    for i, name, want_lin in iter_linears(ref, ALL_TARGETS):
+        pooled = eng.pool.expert_bank(i, name)
+        got = np.asarray(pooled.b[...][slot]) @ np.asarray(pooled.a[...][slot])
+        key = (i, name)
         if want_lin.lora is None:
             assert not got.any(), key
         else:
@@ -56,7 +56,7 @@ def test_lru_eviction_and_reload_keeps_outputs_exact():
         eng.run_until_idle()
         outs.setdefault(a, []).append(r.output)
     assert outs["a1"][0] == outs["a1"][1] == reference_greedy(prompts(1, 3)[0], "a1", 6)
-    assert pool.stats["loads"] >= 5 and not any(pool._pins.values())
+    assert pool.stats["loads"] >= 5 and pool.pins() == 0
 
 
 def test_requests_wait_when_every_pool_slot_is_pinned():

@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 from test_serve_fixtures import make_engine, prompts
 
-from lsw_jax.serve.engine import Request, SamplingParams
+from lsw_jax.sampling import SamplingParams
+from lsw_jax.serve.engine import Request
 from lsw_jax.serve.scheduler import Scheduler
 
 

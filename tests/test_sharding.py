@@ -97,10 +97,13 @@ def test_sharded_forward_matches_single_device(checks):
         assert case["rel_err"] < TOL, (name, case)
         assert case["logits_devices"] == 8, name
     div = checks["forward/divisible/data2_fsdp2_tensor2"]
-    assert (div["q_spec"], div["k_spec"]) == ("P('tensor', 'fsdp')", "P('tensor', 'fsdp')")
-    assert checks["forward/divisible/tensor8"]["q_spec"] == "P('tensor',)"
-    # kv_heads=1 on a 2-way tensor axis: replicated along the heads, still FSDP along embed
-    assert checks["forward/mqa/data2_fsdp2_tensor2"]["k_spec"] == "P(None, 'fsdp')"
+    # fused q|k|v rows are grouped per KV head: sharded on whole KV-head groups
+    assert (div["qkv_spec"], div["o_spec"]) == ("P('tensor', 'fsdp')", "P('fsdp', 'tensor')")
+    assert checks["forward/divisible/tensor8"]["qkv_spec"] == "P('tensor',)"
+    # kv_heads=1 on a 2-way tensor axis: q|k|v is one KV-head group, so it replicates along
+    # the heads (still FSDP along embed); o_proj still splits its 4 query heads
+    mqa = checks["forward/mqa/data2_fsdp2_tensor2"]
+    assert (mqa["qkv_spec"], mqa["o_spec"]) == ("P(None, 'fsdp')", "P('fsdp', 'tensor')")
 
 
 def test_sharded_generate_matches_single_device(checks):
@@ -136,8 +139,8 @@ def test_sharded_load_restores_into_the_rule_shardings(checks):
     assert load["n_params"] > 10
     assert load["mismatched"] == []
     assert load["max_rel_err"] == 0.0
-    assert load["q_spec"] == "P('tensor', 'fsdp')"
-    assert load["k_spec"] == "P(None, 'fsdp')"
+    assert load["qkv_spec"] == "P(None, 'fsdp')"
+    assert load["o_spec"] == "P('fsdp', 'tensor')"
     assert load["embed_spec"] == "P('tensor', 'fsdp')"
 
 

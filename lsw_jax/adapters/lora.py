@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsw_jax.config import AdapterConfig
+from lsw_jax.linears import ALL_TARGETS, LINEAR_BY_NAME, LINEARS
 
 Array = jax.Array
 
@@ -77,6 +78,121 @@ class FixedRouter(nnx.Module):
     def __call__(self, h: Array) -> Routing:
         b, t = h.shape[:2]
         return Routing(jnp.zeros((b, t, 1), jnp.int32), jnp.ones((b, t, 1), jnp.float32))
+
+
+KIND_CODES = {"lora": 0, "switch": 1, "mola": 2}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RouterTables:
+    """The routers of a pool of adapters, indexed by each adapter's base expert slot.
+
+    switch_w: [S, E_max, D] pre-gated router of the adapter based at slot s (zeros for a
+        plain LoRA: one expert, gate 1); layer_w: [L, S, E_max, D] per-layer routers (MoLA),
+        or None while the pool holds no MoLA adapter; num_experts, top_k, kind: [S] int32.
+    """
+
+    switch_w: Array
+    num_experts: Array
+    top_k: Array
+    kind: Array
+    layer_w: Array | None = None
+
+    @classmethod
+    def empty(cls, slots: int, max_experts: int, dim: int) -> RouterTables:
+        ones = jnp.ones((slots,), jnp.int32)
+        return cls(jnp.zeros((slots, max_experts, dim), jnp.float32), ones, ones, 0 * ones)
+
+    def with_layer_routers(self, num_layers: int) -> RouterTables:
+        w = jnp.zeros((num_layers,) + self.switch_w.shape, jnp.float32)
+        return dataclasses.replace(self, layer_w=w)
+
+    def with_adapter(
+        self,
+        base: int,
+        kind: str,
+        num_experts: int,
+        top_k: int,
+        router: Any = None,  # [E, D] (switch)
+        layer_routers: Any = None,  # [L, E, D] (mola)
+    ) -> RouterTables:
+        """The tables with an adapter based at slot ``base`` (host -> device copy)."""
+        e_max, d = self.switch_w.shape[1:]
+        row = jnp.zeros((e_max, d), jnp.float32)
+        if router is not None:
+            row = row.at[:num_experts].set(jnp.asarray(router, jnp.float32))
+        layer_w = self.layer_w
+        if layer_w is not None:
+            rows = jnp.zeros((layer_w.shape[0], e_max, d), jnp.float32)
+            if layer_routers is not None:
+                rows = rows.at[:, :num_experts].set(jnp.asarray(layer_routers, jnp.float32))
+            layer_w = layer_w.at[:, base].set(rows)
+        return RouterTables(
+            self.switch_w.at[base].set(row),
+            self.num_experts.at[base].set(num_experts),
+            self.top_k.at[base].set(top_k),
+            self.kind.at[base].set(KIND_CODES[kind]),
+            layer_w,
+        )
+
+
+def _row_top_k(logits: Array, num_experts: Array, top_k: Array, k_max: int) -> tuple[Array, Array]:
+    """``top_k_routing`` with each row's own expert count and k: logits [B, T, E_max],
+    num_experts / top_k [B] -> (local ids [B, T, k_max], gates [B, T, k_max]; gate 0 past
+    the row's k)."""
+    e_max = logits.shape[-1]
+    valid = jnp.arange(e_max)[None, :] < num_experts[:, None]  # [B, E_max]
+    probs = jax.nn.softmax(jnp.where(valid[:, None, :], logits, -jnp.inf), axis=-1)
+    top_p, top_i = jax.lax.top_k(probs, k_max)
+    keep = (jnp.arange(k_max)[None, :] < top_k[:, None])[:, None, :]  # [B, 1, k_max]
+    top_p = jnp.where(keep, top_p, 0.0)
+    # Unused choices point at the row's first expert (gate 0): always a slot it owns.
+    top_i = jnp.where(keep, top_i, 0).astype(jnp.int32)
+    return top_i, top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowRouter:
+    """Per-row routing for a batch whose rows use different pooled adapters.
+
+    rows: [B] int32, the base expert slot of each row's adapter (-1: the base model). A row
+    of a plain LoRA uses its slot with gate 1; a LoRA-Switch row its adapter's router, top-k
+    among its own experts (mapped to the pool's slots) for all layers; a MoLA row its
+    adapter's router of each layer. Same softmax / top-k / renormalisation as the
+    adapters' own routers, so a row routes as it would alone.
+    """
+
+    tables: RouterTables
+    rows: Array
+    k_max: int = dataclasses.field(metadata=dict(static=True))
+
+    def _route(self, w: Array, h: Array) -> Routing:
+        """w [S, E_max, D] router table, h [B, T, D] -> per-row Routing [B, T, k_max]."""
+        t = self.tables
+        slot = jnp.maximum(self.rows, 0)
+        logits = jnp.einsum("btd,bed->bte", h.astype(jnp.float32), w[slot])
+        ids, gates = _row_top_k(logits, t.num_experts[slot], t.top_k[slot], self.k_max)
+        gates = jnp.where((self.rows >= 0)[:, None, None], gates, 0.0)
+        return Routing(ids + slot[:, None, None], gates, None)
+
+    def pre_gate(self, h0: Array) -> Routing:
+        """Routing of every row from layer 0's normalised input (MoLA rows: see ``layer``)."""
+        return self._route(self.tables.switch_w, h0)
+
+    def layer(self, index: int, normed: Array, pre: Routing) -> Routing:
+        """Layer ``index``'s routing: MoLA rows route on this layer's input, others keep
+        the pre-gated choice."""
+        if self.tables.layer_w is None:
+            return pre
+        mine = self._route(self.tables.layer_w[index], normed)
+        mola = (self.tables.kind[jnp.maximum(self.rows, 0)] == KIND_CODES["mola"])[:, None, None]
+        return Routing(
+            jnp.where(mola, mine.expert_ids, pre.expert_ids),
+            jnp.where(mola, mine.gates, pre.gates),
+            None,
+        )
 
 
 def dense_gate_weights(routing: Routing, num_experts: int) -> Array:
@@ -142,31 +258,6 @@ class LoraBank(nnx.Module):
         xa = jnp.einsum("bti,eri->bter", x, a)
         return jnp.einsum("bter,eor->bto", xa * w[..., None].astype(dt), b)
 
-    def unmerged(self, x: Array, w: Array, bias: Array | None, routing: Routing) -> Array:
-        """``x.W^T + bias + delta`` through the fused kernel (each row its own experts).
-
-        Off-GPU there is no compiled kernel; XLA's own products (the dense plan) serve.
-        """
-        from pallas_kernels.lora_unmerged import lora_unmerged
-        from pallas_kernels.switch_merge import resolve_impl
-
-        if resolve_impl("auto", None)[0] == "reference":
-            y = jnp.einsum("...i,oi->...o", x, w)
-            y = y if bias is None else y + bias
-            return y + self.delta(x, routing).astype(y.dtype)
-        b, t, d = x.shape
-        k = routing.expert_ids.shape[-1]
-        y = lora_unmerged(
-            x.reshape(b * t, d),
-            w,
-            self.a[...].astype(x.dtype),
-            self.b[...].astype(x.dtype),
-            routing.expert_ids.reshape(b * t, k),
-            (routing.gates * self.scale).reshape(b * t, k),
-            bias,
-        )
-        return y.reshape(b, t, -1)
-
     def merged_delta(self, expert_ids: Array, gates: Array) -> Array:
         """``sum_j scale * g_j * B[e_j] @ A[e_j]`` -> [out, in] for one shared selection."""
         a = self.a[...].astype(jnp.float32)[expert_ids]  # [k, r, in]
@@ -177,26 +268,48 @@ class LoraBank(nnx.Module):
 # ---------------------------------------------------------------------- attaching
 
 
-def iter_linears(model: Any, targets: tuple[str, ...]):
-    """Yield ``(layer index, module name, Linear)`` for every targeted linear."""
+@dataclasses.dataclass(eq=False)
+class PartView:
+    """One adaptable linear (``q_proj`` ...) of a layer: a part of a fused ``Linear``.
+
+    ``lora`` reads / writes the part's ``LoraBank`` (None when not adapted); the weight
+    rows live in the fused linear (``lsw_jax.linears``).
+    """
+
+    linear: Any  # the fused model.layers.Linear
+    name: str
+    in_features: int
+    out_features: int
+
+    @property
+    def lora(self) -> LoraBank | None:
+        banks = self.linear.lora
+        return None if banks is None or self.name not in banks else banks[self.name]
+
+    @lora.setter
+    def lora(self, bank: LoraBank | None) -> None:
+        banks = self.linear.lora
+        if bank is None:
+            if banks is not None and self.name in banks:
+                del banks[self.name]
+                if not len(banks):
+                    self.linear.lora = None
+            return
+        if banks is None:
+            self.linear.lora = banks = nnx.Dict()
+        banks[self.name] = bank
+
+
+def iter_linears(model: Any, targets: tuple[str, ...] = ALL_TARGETS):
+    """Yield ``(layer index, part name, PartView)`` for every targeted adaptable linear."""
+    cfg = model.cfg
     for i, layer in enumerate(model.layers):
-        for group in (layer.self_attn, layer.mlp):
-            for name in targets:
-                lin = getattr(group, name, None)
-                if lin is not None:
-                    yield i, name, lin
-
-
-# Logical axes (out, in) of each adaptable linear; banks inherit them.
-LINEAR_AXES = {
-    "q_proj": ("heads", "embed"),
-    "k_proj": ("kv_heads", "embed"),
-    "v_proj": ("kv_heads", "embed"),
-    "o_proj": ("embed", "heads"),
-    "gate_proj": ("mlp", "embed"),
-    "up_proj": ("mlp", "embed"),
-    "down_proj": ("embed", "mlp"),
-}
+        for spec in LINEARS:
+            if spec.name not in targets:
+                continue
+            fused = getattr(getattr(layer, spec.module), spec.fused)
+            out, d_in = spec.shape(cfg)
+            yield i, spec.name, PartView(fused, spec.name, d_in, out)
 
 
 def attach_adapter(
@@ -222,7 +335,7 @@ def attach_adapter(
             rank=r,
             scale=(scales or {}).get((i, name), cfg.scale),
             dropout=cfg.dropout,
-            axes=LINEAR_AXES[name],
+            axes=LINEAR_BY_NAME[name].axes,
             rngs=rngs,
         )
     d = model.cfg.hidden_size
@@ -238,9 +351,8 @@ def attach_adapter(
 
 
 def detach_adapter(model: Any) -> Any:
-    for i, name, lin in iter_linears(model, tuple(LINEAR_AXES)):
-        del i, name
-        lin.lora = None
+    for _, _, part in iter_linears(model):
+        part.lora = None
     model.router = None
     for layer in model.layers:
         layer.router = None

@@ -7,50 +7,12 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from lsw_jax.config import ModelConfig
-
-StatePath = tuple  # e.g. ("layers", 3, "self_attn", "q_proj", "weight")
-
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
+from lsw_jax.linears import StatePath, checkpoint_table
 
 
 def hf_key_table(cfg: ModelConfig) -> dict[str, tuple[StatePath, tuple[int, ...]]]:
-    """Every HF tensor name the model needs -> (state path, expected shape)."""
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = {
-        "q_proj": (q_out, d),
-        "k_proj": (kv_out, d),
-        "v_proj": (kv_out, d),
-        "o_proj": (d, q_out),
-        "gate_proj": (f, d),
-        "up_proj": (f, d),
-        "down_proj": (d, f),
-    }
-    table: dict[str, tuple[StatePath, tuple[int, ...]]] = {
-        "model.embed_tokens.weight": (("embed_tokens",), (v, d)),
-        "model.norm.weight": (("norm", "weight"), (d,)),
-    }
-    if not cfg.tie_word_embeddings:
-        table["lm_head.weight"] = (("lm_head", "weight"), (v, d))
-    for i in range(cfg.num_layers):
-        pre = f"model.layers.{i}"
-        table[f"{pre}.input_layernorm.weight"] = (("layers", i, "input_layernorm", "weight"), (d,))
-        table[f"{pre}.post_attention_layernorm.weight"] = (
-            ("layers", i, "post_attention_layernorm", "weight"),
-            (d,),
-        )
-        for group, names, bias in (
-            ("self_attn", _ATTN, cfg.attention_bias),
-            ("mlp", _MLP, cfg.mlp_bias),
-        ):
-            for name in names:
-                path = ("layers", i, group, name)
-                table[f"{pre}.{group}.{name}.weight"] = (path + ("weight",), shapes[name])
-                # Llama's attention_bias covers q/k/v/o; Qwen-style q/k/v-only is not Llama.
-                if bias:
-                    table[f"{pre}.{group}.{name}.bias"] = (path + ("bias",), (shapes[name][0],))
-    return table
+    """Every HF tensor name the model needs -> (checkpoint path, expected shape)."""
+    return checkpoint_table(cfg)
 
 
 # Tensors HF checkpoints may carry that the model rightly ignores (recomputed buffers).

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsw_jax.config import ModelConfig, rope_inv_freq
+from lsw_jax.linears import FUSED_BY_NAME, RowLayout
+from lsw_jax.plans import Plan, unmerged_linear
 
 Array = jax.Array
 
@@ -25,18 +27,19 @@ def _normal(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype: Any, std: floa
 
 
 class Linear(nnx.Module):
-    """``y[..., o] = sum_i x[..., i] * weight[o, i] + bias[o]`` (+ the LoRA delta when a bank
-    is attached and routing is given).
+    """``y[..., o] = sum_i x[..., i] * weight[o, i] + bias[o]`` plus the LoRA deltas of its
+    parts, for one fused linear of ``lsw_jax.linears.FUSED`` (``qkv_proj`` holds q|k|v).
 
-    The weight keeps Hugging Face's ``[out, in]`` layout: XLA's CPU matrix-vector product
-    on that layout ran decode 2x faster than ``[in, out]`` here, and it makes conversion
-    a copy.
+    The weight keeps Hugging Face's ``[out, in]`` layout (XLA's CPU matrix-vector product on
+    it ran decode 2x faster than ``[in, out]``), its rows interleaving the parts as
+    ``layout`` says. ``lora`` maps a part name to its ``LoraBank`` (only adapted parts).
     """
 
     def __init__(
         self,
         in_features: int,
-        out_features: int,
+        layout: RowLayout,
+        parts: tuple[str, ...],
         *,
         axes: tuple[str, str],
         use_bias: bool = False,
@@ -45,33 +48,53 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs | None,
     ):
         self.in_features = in_features
-        self.out_features = out_features
+        self.out_features = layout.out
+        self.layout = layout
+        self.parts = parts
         self.dtype = dtype
         self.weight = nnx.Param(
-            _normal(rngs, (out_features, in_features), param_dtype), logical_axes=axes
+            _normal(rngs, (layout.out, in_features), param_dtype), logical_axes=axes
         )
         self.bias = (
-            nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[0],))
+            nnx.Param(jnp.zeros((layout.out,), param_dtype), logical_axes=(axes[0],))
             if use_bias
             else None
         )
-        self.lora = nnx.data(None)  # an adapters.LoraBank, attached by adapters.attach_adapter
+        self.lora = nnx.data(None)  # nnx.Dict: part name -> adapters.LoraBank
 
-    def __call__(self, x: Array, routing: Any = None, plan: str = "dense") -> Array:
-        """plan: ``dense`` (differentiable jnp), ``unmerged`` (fused base + LoRA kernel),
-        ``merged`` (the weight already holds the experts' delta: skip LoRA)."""
+    def __call__(
+        self, x: Array, routing: Any = None, plan: Plan = Plan.DENSE, weights: Any = None
+    ) -> Array:
+        """x [..., in] -> [..., out]. ``weights`` are the plan's prepared weights for this
+        linear (``lsw_jax.plans``): a ``FusedBank`` (unmerged) or ``W_eff`` (merged)."""
         x = x.astype(self.dtype)
-        w = self.weight[...].astype(self.dtype)
         bias = None if self.bias is None else self.bias[...].astype(self.dtype)
-        adapted = self.lora is not None and routing is not None
-        if adapted and plan == "unmerged":
-            return self.lora.unmerged(x, w, bias, routing)
-        y = jnp.einsum("...i,oi->...o", x, w)
-        if bias is not None:
-            y = y + bias
-        if adapted and plan == "dense":
-            y = y + self.lora.delta(x, routing).astype(y.dtype)
-        return y
+        if plan is Plan.MERGED and weights is not None:
+            return _dense(x, weights.astype(self.dtype), bias)
+        w = self.weight[...].astype(self.dtype)
+        if self.lora is None or routing is None:
+            return _dense(x, w, bias)
+        if plan is Plan.UNMERGED:
+            return unmerged_linear(x, w, bias, weights, routing)
+        if plan is Plan.DENSE:
+            return _dense(x, w, bias) + self.delta(x, routing).astype(self.dtype)
+        raise ValueError(f"{plan=} needs prepared weights for an adapted linear")
+
+    def delta(self, x: Array, routing: Any) -> Array:
+        """The parts' LoRA deltas [..., out] in the fused row layout (zeros where a part
+        has no adapter)."""
+        deltas = [
+            self.lora[name].delta(x, routing)
+            if name in self.lora
+            else jnp.zeros(x.shape[:-1] + (self.layout.part_out(i),), x.dtype)
+            for i, name in enumerate(self.parts)
+        ]
+        return self.layout.pack(deltas, axis=-1)
+
+
+def _dense(x: Array, w: Array, bias: Array | None) -> Array:
+    y = jnp.einsum("...i,oi->...o", x, w)
+    return y if bias is None else y + bias
 
 
 class RMSNorm(nnx.Module):
@@ -99,25 +122,46 @@ def rope_cos_sin(cfg: ModelConfig, positions: Array, cache_len: int | None = Non
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """x [B, T, H, D]; rotate-half convention of HF Llama."""
+    """x [B, T, heads..., D] (any number of head axes); rotate-half convention of HF Llama."""
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos = cos[:, :, None, :].astype(x.dtype)
-    sin = sin[:, :, None, :].astype(x.dtype)
+    extra = (slice(None), slice(None)) + (None,) * (x.ndim - 3)
+    cos = cos[extra].astype(x.dtype)
+    sin = sin[extra].astype(x.dtype)
     return x * cos + rot * sin
 
 
+def fused_linear(
+    cfg: ModelConfig, name: str, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None
+) -> Linear:
+    """The fused linear ``name`` of ``lsw_jax.linears.FUSED`` for this config."""
+    spec = FUSED_BY_NAME[name]
+    bias = cfg.attention_bias if spec.module == "self_attn" else cfg.mlp_bias
+    return Linear(
+        spec.in_features(cfg),
+        spec.layout(cfg),
+        spec.parts,
+        axes=(spec.out_axis, spec.in_axis),
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
 class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate|up in one fused product."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
-        kw = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(d, f, axes=("mlp", "embed"), **kw)
-        self.up_proj = Linear(d, f, axes=("mlp", "embed"), **kw)
-        self.down_proj = Linear(f, d, axes=("embed", "mlp"), **kw)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_up_proj = fused_linear(cfg, "gate_up_proj", **kw)
+        self.down_proj = fused_linear(cfg, "down_proj", **kw)
 
-    def __call__(self, x: Array, routing: Any = None, plan: str = "dense") -> Array:
-        g = self.gate_proj(x, routing, plan)
-        u = self.up_proj(x, routing, plan)
-        return self.down_proj(jax.nn.silu(g) * u, routing, plan)
+    def __call__(
+        self, x: Array, routing: Any = None, plan: Plan = Plan.DENSE, weights: Any = None
+    ) -> Array:
+        w = weights or {}
+        gu = self.gate_up_proj(x, routing, plan, w.get("gate_up_proj"))
+        gu = gu.reshape(gu.shape[:-1] + (-1, 2))  # rows interleave gate and up
+        h = jax.nn.silu(gu[..., 0]) * gu[..., 1]
+        return self.down_proj(h, routing, plan, w.get("down_proj"))

@@ -14,8 +14,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lsw_jax.adapters.lora import Routing, RowRouter
 from lsw_jax.config import ModelConfig
-from lsw_jax.model.layers import MLP, Linear, RMSNorm, apply_rope, default_dtype, rope_cos_sin
+from lsw_jax.linears import RowLayout
+from lsw_jax.model.layers import (
+    MLP,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    default_dtype,
+    fused_linear,
+    rope_cos_sin,
+)
+from lsw_jax.plans import Plan, as_plan
 
 Array = jax.Array
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully padded rows stay NaN-free
@@ -77,12 +88,9 @@ def write_slots(buf: Array, new: Array, index: Array) -> Array:
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
         self.cfg = cfg
-        kw = dict(use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, h * hd, axes=("heads", "embed"), **kw)
-        self.k_proj = Linear(d, kv * hd, axes=("kv_heads", "embed"), **kw)
-        self.v_proj = Linear(d, kv * hd, axes=("kv_heads", "embed"), **kw)
-        self.o_proj = Linear(h * hd, d, axes=("embed", "heads"), **kw)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv_proj = fused_linear(cfg, "qkv_proj", **kw)
+        self.o_proj = fused_linear(cfg, "o_proj", **kw)
 
     def __call__(
         self,
@@ -93,25 +101,27 @@ class Attention(nnx.Module):
         kv: tuple[Array, Array] | None,
         index: Array,
         routing: Any,
-        plan: str,
+        plan: Plan,
+        weights: dict[str, Any] | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.cfg
+        w = weights or {}
         b, t, _ = x.shape
-        q = self.q_proj(x, routing, plan).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x, routing, plan).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x, routing, plan).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kvh, groups, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        # The fused rows are grouped per KV head: its g query heads, its key, its value.
+        qkv = self.qkv_proj(x, routing, plan, w.get("qkv_proj")).reshape(b, t, kvh, groups + 2, hd)
+        q = apply_rope(qkv[:, :, :, :groups], cos, sin)  # [B, T, KV, G, D]
+        k = apply_rope(qkv[:, :, :, groups], cos, sin)  # [B, T, KV, D]
+        v = qkv[:, :, :, groups + 1]
         if kv is not None:
             k_cache, v_cache = write_slots(kv[0], k, index), write_slots(kv[1], v, index)
             k, v, kv = k_cache.astype(q.dtype), v_cache.astype(q.dtype), (k_cache, v_cache)
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (cfg.head_dim**-0.5)
+        scores = scores * (hd**-0.5)
         scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
-        return self.o_proj(out, routing, plan), kv
+        return self.o_proj(out, routing, plan, w.get("o_proj")), kv
 
 
 class DecoderLayer(nnx.Module):
@@ -126,13 +136,17 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.router = nnx.data(None)  # a per-layer adapters.Router for MoLA-style routing
 
-    def __call__(self, x, cos, sin, mask, kv, index, routing, plan):
+    def __call__(
+        self, x, cos, sin, mask, kv, index, routing, plan, weights=None, row_router=None, idx=0
+    ):
         normed = self.input_layernorm(x)
         if self.router is not None:  # MoLA: this layer routes on its own normalised input
             routing = self.router(normed)
-        attn, kv = self.self_attn(normed, cos, sin, mask, kv, index, routing, plan)
+        elif row_router is not None:  # pooled adapters: MoLA rows route here, per row
+            routing = row_router.layer(idx, normed, routing)
+        attn, kv = self.self_attn(normed, cos, sin, mask, kv, index, routing, plan, weights)
         x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x), routing, plan)
+        x = x + self.mlp(self.post_attention_layernorm(x), routing, plan, weights)
         return x, kv, routing
 
 
@@ -167,7 +181,8 @@ class LlamaModel(nnx.Module):
             if cfg.tie_word_embeddings
             else Linear(
                 cfg.hidden_size,
-                cfg.vocab_size,
+                RowLayout(1, (cfg.vocab_size,)),
+                ("lm_head",),
                 axes=("vocab", "embed"),
                 dtype=dtype,
                 param_dtype=param_dtype,
@@ -192,18 +207,22 @@ class LlamaModel(nnx.Module):
         segment_ids: Array | None = None,  # [B, T] packed documents: attend within a segment
         cache: KVCache | None = None,
         routing: Any = None,  # adapters.Routing; computed by the router when None
-        plan: str = "dense",
+        plan: Plan | str = Plan.DENSE,
+        plan_weights: Any = None,  # per layer {fused linear: prepared weights} (lsw_jax.plans)
         return_hidden: bool = False,
     ) -> ModelOutput:
+        plan = as_plan(plan)
         b, t = input_ids.shape
         token_mask = (
             jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         )
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(token_mask, axis=1) - 1, 0)
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
-        if routing is None and self.router is not None:
-            # LoRA-Switch's router reads the first layer's normalised input, once per token.
+        x = self.embed(input_ids)
+        row_router = routing if isinstance(routing, RowRouter) else None
+        if row_router is not None:  # every row its own pooled adapter (serving engine)
+            routing = row_router.pre_gate(self.layers[0].input_layernorm(x))
+        elif routing is None and self.router is not None:
             routing = self.router(self.layers[0].input_layernorm(x))
 
         if cache is None:
@@ -219,15 +238,16 @@ class LlamaModel(nnx.Module):
             mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         cos, sin = rope_cos_sin(self.cfg, positions, cache.length if cache is not None else t)
 
-        def call_layer(layer, x, kv, routing):
-            return layer(x, cos, sin, mask, kv, index, routing, plan)
+        def call_layer(layer, x, kv, routing, weights, idx):
+            return layer(x, cos, sin, mask, kv, index, routing, plan, weights, row_router, idx)
 
         if self.remat:  # training: recompute each layer's activations in the backward pass
-            call_layer = nnx.remat(call_layer)
+            call_layer = nnx.remat(call_layer, static_argnums=(5,))
         new_k, new_v, layer_routings = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv, used = call_layer(layer, x, kv, routing)
+            weights = None if plan_weights is None else plan_weights[i]
+            x, kv, used = call_layer(layer, x, kv, routing, weights, i)
             layer_routings.append(used)
             if kv is not None:
                 new_k.append(kv[0])
@@ -238,9 +258,19 @@ class LlamaModel(nnx.Module):
         h = self.norm(x)
         logits = self.logits(h)
         # MoLA routes per layer: report every layer's routing; otherwise the shared one.
-        per_layer = any(layer.router is not None for layer in self.layers)
+        per_layer = row_router is not None or any(layer.router is not None for layer in self.layers)
         out_routing = layer_routings if per_layer else routing
         return ModelOutput(logits, new_cache, out_routing, h if return_hidden else None)
+
+    def embed(self, input_ids: Array) -> Array:
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+
+    def route(self, input_ids: Array) -> Routing:
+        """The pre-gated routing of tokens [B, T]: LoRA-Switch's router reads the first
+        layer's normalised input, once per token, before any layer runs."""
+        if self.router is None:
+            raise ValueError("the model has no pre-gated router (no switch/lora adapter)")
+        return self.router(self.layers[0].input_layernorm(self.embed(input_ids)))
 
     def logits(self, h: Array) -> Array:
         if self.lm_head is None:

@@ -15,15 +15,17 @@ at prefill, so position == slot). A step:
 5. appends the tokens, streams them to each request's sink and retires finished requests
    (EOS / stop token / max_tokens / cancel) so their rows are free for the next step.
 
-Adapters. The model's linears carry the ``AdapterPool``'s bank (E = pool slots); a row is
-routed to its adapter's slot with gate 1 (gate 0 without an adapter). ``unmerged`` steps and
-every prefill use ``plan="unmerged"`` (the fused Pallas kernel on a GPU, its jnp reference
-on a CPU). ``merged`` steps run ``plan="merged"`` (linears skip LoRA) with weights
-``W + b[s] @ a[s]`` for the one adapter s of the batch, computed by
-``pallas_kernels.switch_merge.merge_from_base`` per linear (``L = 1``, all linears in one
-jitted call) and kept as a SECOND copy of every adapted linear's weight (memory: the size of
-those linears, e.g. 4 * 106 M bytes = 425 MB for SmolLM2-135M with all 7 linears in fp32),
-recomputed only when the merged adapter changes or the pool reloads that slot.
+Adapters. The model's linears carry the ``AdapterPool``'s banks (E = pool slots) and every
+row is routed by ``RowRouter`` with its own adapter: a plain LoRA to its slot with gate 1, a
+LoRA-Switch row by its adapter's router to its top-k experts (the same in every layer), a
+MoLA row by its adapter's router of each layer; a row without an adapter gets gate 0.
+Prefill and decode both run ``lsw_jax.decode.decode_step`` (the step ``generate`` runs):
+``unmerged`` steps through the fused op over the pool's ``FusedBank``s (the Pallas kernel on a
+GPU, its jnp reference elsewhere), rebuilt only when the pool changes. ``merged`` steps
+serve the rows of ONE plain-LoRA adapter with ``lsw_jax.plans.MergedWeights`` switched to
+that adapter's slot (the switch kernel; a no-op while the adapter stays), the linears
+then plain products. Merged weights are a second copy of every adapted linear (plus the
+stacked base they are re-merged from): 2 x 4 x 106 M bytes for SmolLM2-135M in fp32.
 
 Shapes are fixed by ``slots``, ``max_len`` and the prefill buckets (prompt length: powers
 of two from 16 to ``max_len``; rows: powers of two up to ``max_prefill_rows``), so after
@@ -46,8 +48,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsw_jax.adapters.lora import Routing
+from lsw_jax.adapters.lora import RowRouter
+from lsw_jax.decode import decode_step
 from lsw_jax.model.llama import KVCache
+from lsw_jax.plans import MergedWeights, Plan, check_impl, prepare_unmerged
+from lsw_jax.sampling import RowSampling, SamplingParams, sample_rows
+from lsw_jax.serve.adapter_pool import AdapterPool
 from lsw_jax.serve.scheduler import Scheduler, StepPlan
 
 Array = jax.Array
@@ -55,29 +61,6 @@ TRACE_COUNTS: collections.Counter[str] = collections.Counter()  # jitted functio
 
 
 # ---------------------------------------------------------------------- requests
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding settings; ``temperature == 0`` is greedy."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature={self.temperature} must be in [0, 100]")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
 
 _ids = itertools.count()
@@ -125,93 +108,60 @@ class Request:
 # ---------------------------------------------------------------------- jitted pieces
 
 
-def sample_rows(
-    logits: Array,  # [B, V] float32
-    seeds: Array,  # [B] uint32
-    counters: Array,  # [B] int32: tokens generated so far by the row's request
-    temperature: Array,  # [B]
-    top_k: Array,  # [B] int32, 0 = off
-    top_p: Array,  # [B]
-) -> Array:
-    """Next token per row: argmax where ``temperature == 0``, else temperature, top-k and
-    top-p sampling with the key ``fold_in(key(seed), counter)`` (independent of the batch
-    a request shares, so its samples are reproducible)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sample(_):
-        v = logits.shape[-1]
-        x = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        desc = -jnp.sort(-x, axis=-1)
-        kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, v - 1)[:, None], axis=-1)
-        x = jnp.where((top_k[:, None] > 0) & (x < kth), -jnp.inf, x)
-        desc = -jnp.sort(-x, axis=-1)
-        probs = jax.nn.softmax(desc, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        cut_idx = jnp.sum(before < top_p[:, None], axis=-1, keepdims=True) - 1
-        x = jnp.where(x < jnp.take_along_axis(desc, cut_idx, axis=-1), -jnp.inf, x)
-        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
-        drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
-        return jnp.where(temperature > 0, drawn, greedy)
-
-    return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
-
-
-def _with_weights(model: Any, weights: dict[str, Array] | None) -> Any:
-    """Point the model's adapted linears at ``weights`` ("layer.module" -> [out, in])."""
-    if weights:
-        for key, w in weights.items():
-            i, name = key.split(".")
-            layer = model.layers[int(i)]
-            lin = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
-            lin.weight.set_value(w)
-    return model
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("cache",))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "plan", "k_max"), donate_argnames=("cache",)
+)
 def _decode_step(
-    graphdef, state, weights, cache, tokens, positions, active, expert, gate, samp, *, plan
+    graphdef,
+    state,
+    weights,
+    tables,
+    cache,
+    tokens,
+    positions,
+    active,
+    rows,
+    rs,
+    *,
+    plan,
+    k_max,
 ):
-    """One token for every row: tokens/positions/active/expert/gate [B]; samp = (seeds,
-    counters, temperature, top_k, top_p), each [B]. Returns (next tokens [B], cache)."""
-    TRACE_COUNTS[f"decode_{plan}"] += 1
-    model = _with_weights(nnx.merge(graphdef, state), weights)
+    """One token for every row: tokens/positions/active/rows [B] (rows: each row's adapter
+    base slot, -1 none); rs: RowSampling; weights: the plan's (merged: already switched).
+    Returns (next tokens [B], cache)."""
+    TRACE_COUNTS[f"decode_{plan.value}"] += 1
+    model = nnx.merge(graphdef, state)
     cache = dataclasses.replace(cache, index=positions)  # row b writes its slot positions[b]
-    routing = Routing(expert[:, None, None], gate[:, None, None])
-    out = model.forward(
+    router = RowRouter(tables, rows, k_max=k_max)
+    out = decode_step(
+        model,
         tokens[:, None],
-        attention_mask=active[:, None],
-        positions=positions[:, None],
-        cache=cache,
-        routing=routing,
-        plan=plan,
+        positions[:, None],
+        active[:, None],
+        cache,
+        plan,
+        weights,
+        routing=router,
     )
-    return sample_rows(out.logits[:, 0], *samp), out.cache
+    return sample_rows(out.logits[:, 0], rs), out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("cache",))
-def _prefill_insert(graphdef, state, cache, ids, lens, rows, expert, gate, samp, *, plan):
-    """Prefill ``ids [R, P]`` (right-padded, ``lens [R]``) into a fresh cache, sample each
-    row's next token and copy the rows into ``cache`` rows ``rows [R]`` (rows >= B: padding
-    rows, dropped). Returns (tokens [R], cache)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "k_max"), donate_argnames=("cache",))
+def _prefill_insert(graphdef, state, weights, tables, cache, ids, lens, rows, slots, rs, *, k_max):
+    """Prefill ``ids [R, P]`` (right-padded, ``lens [R]``) into a fresh cache (unmerged: each
+    row its own adapter, ``slots [R]``), sample each row's next token and copy the rows
+    into ``cache`` rows ``rows [R]`` (rows >= B: padding rows, dropped). Returns
+    (tokens [R], cache)."""
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, state)
     r, p = ids.shape
     mask = jnp.arange(p)[None, :] < lens[:, None]
     small = KVCache.create(model.cfg, r, p, cache.k[0].dtype)
-    routing = Routing(
-        jnp.broadcast_to(expert[:, None, None], (r, p, 1)),
-        jnp.broadcast_to(gate[:, None, None], (r, p, 1)),
-    )
-    out = model.forward(
-        ids,
-        attention_mask=mask,
-        positions=jnp.broadcast_to(jnp.arange(p)[None], (r, p)),
-        cache=small,
-        routing=routing,
-        plan=plan,
-    )
+    router = RowRouter(tables, slots, k_max=k_max)
+    positions = jnp.broadcast_to(jnp.arange(p)[None], (r, p))
+    out = decode_step(model, ids, positions, mask, small, Plan.UNMERGED, weights, routing=router)
     last = jnp.take_along_axis(out.logits, (lens - 1)[:, None, None], axis=1)[:, 0]
-    tok = sample_rows(last, *samp)
+    tok = sample_rows(last, rs)
     s = cache.length
     k = [
         c.at[rows, :p].set(x.astype(c.dtype), mode="drop")
@@ -225,14 +175,24 @@ def _prefill_insert(graphdef, state, cache, ids, lens, rows, expert, gate, samp,
     return tok, KVCache(k=k, v=v, valid=valid, index=cache.index)
 
 
-@jax.jit
-def _merge_weights(base: dict, a: dict, b: dict, slot: Array) -> dict:
-    """W_eff = W + b[slot] @ a[slot] for every adapted linear (bank scale is 1)."""
-    from pallas_kernels.switch_merge import merge_from_base
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
+def _prepare_unmerged(graphdef, state, impl):
+    """The pool's FusedBanks per layer (rebuilt when the pool changes, not per step)."""
+    TRACE_COUNTS["prepare"] += 1
+    return prepare_unmerged(nnx.merge(graphdef, state), impl)
 
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _create_merged(graphdef, state, banks) -> MergedWeights:
+    TRACE_COUNTS["prepare_merged"] += 1
+    return MergedWeights.create(nnx.merge(graphdef, state), banks, 1)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _merge(weights: MergedWeights, selection: tuple[Array, Array]) -> MergedWeights:
+    """Switch the merged weights to ``selection`` (timed apart: the scheduler's merge cost)."""
     TRACE_COUNTS["merge"] += 1
-    e, g = slot[None], jnp.ones((1,), jnp.float32)
-    return {k: merge_from_base(w[None], a[k][None], b[k][None], e, g)[0] for k, w in base.items()}
+    return weights.switch(*selection)
 
 
 def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -265,7 +225,7 @@ class Engine:
         credit_limit: int = 32,
         max_waiting: int | None = None,
         eos_token_ids: tuple[int, ...] | None = None,
-        unmerged_plan: str = "unmerged",
+        impl: str = "auto",
     ):
         cfg = model.cfg
         self.model, self.cfg, self.pool, self.slots = model, cfg, pool, slots
@@ -277,17 +237,22 @@ class Engine:
         self.prefill_lens = _pow2_buckets(min(16, self.max_len), self.max_len)
         self.prefill_rows = _pow2_buckets(1, max(1, min(max_prefill_rows, slots)))
         self.eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        self.unmerged_plan = unmerged_plan
-        self.scheduler = Scheduler(slots, policy=policy, credit_limit=credit_limit)
+        self.impl = check_impl(impl)
+        self.scheduler = Scheduler(
+            slots, policy=policy, credit_limit=credit_limit, mergeable=self._mergeable
+        )
         self.max_waiting = max_waiting
-        self.graphdef, self.state = nnx.split(model)
-        self._pool_version = -1 if pool is None else pool.version
+        if pool is None:  # no adapters: an empty pool keeps one code path (gate 0 rows)
+            pool = AdapterPool(model, capacity=1, rank=1, max_experts=1, max_top_k=1)
+        self.pool = pool
+        self._pool_version = -1
+        self._unmerged: Any = None  # the pool's FusedBanks, per layer
+        self._merged: MergedWeights | None = None
         self.cache = KVCache.create(cfg, slots, self.max_len, model.dtype)
         self.cache.index = jnp.zeros((slots,), jnp.int32)
         self.rows: list[Request | None] = [None] * slots
         self._inbox: collections.deque = collections.deque()
         self._cond = threading.Condition()
-        self._merged: tuple[tuple, dict] | None = None  # ((adapter, slot, generation), weights)
         self.steps = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self._thread: threading.Thread | None = None
@@ -311,9 +276,8 @@ class Engine:
             )
         if any(not 0 <= t < self.cfg.vocab_size for t in req.prompt):
             raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
-        if req.adapter:
-            if self.pool is None or req.adapter not in self.pool.names():
-                raise ValueError(f"unknown adapter {req.adapter!r}")
+        if req.adapter and req.adapter not in self.pool.names():
+            raise ValueError(f"unknown adapter {req.adapter!r}")
 
     def submit(self, req: Request) -> Request:
         self.validate(req)
@@ -415,6 +379,10 @@ class Engine:
                     self.scheduler.remove(req)
                 self._finish(req, "cancelled")
 
+    def preempt(self, req: Request) -> None:
+        """Return a running request to the front of its queue (it keeps its tokens)."""
+        self._preempt(req)
+
     def _preempt(self, req: Request) -> None:
         self._free_row(req)
         req.preemptions += 1
@@ -439,9 +407,19 @@ class Engine:
         req.done_event.set()
 
     def _sync_state(self) -> None:
-        if self.pool is not None and self.pool.version != self._pool_version:
-            self.graphdef, self.state = nnx.split(self.model)
-            self._pool_version = self.pool.version
+        """Re-split the model and rebuild the plans' weights after the pool changed."""
+        if self.pool.version == self._pool_version:
+            return
+        self.graphdef, self.state = nnx.split(self.model)
+        self._unmerged = _prepare_unmerged(self.graphdef, self.state, self.impl)
+        if self._merged is not None:  # re-stacked from the new banks on the next merged step
+            self._merged = None
+            self.scheduler.merged_adapter = None
+        self._pool_version = self.pool.version
+
+    def _mergeable(self, adapter: str) -> bool:
+        """Merged mode serves one shared selection: the base model or a plain LoRA."""
+        return not adapter or self.pool.kind_of(adapter) == "lora"
 
     # ------------------------------------------------------------------ prefill
     def _admit(self, reqs: list[Request]) -> list[Request]:
@@ -475,67 +453,50 @@ class Engine:
         for i, req in enumerate(chunk):
             seq = req.prompt + req.output
             ids[i, : len(seq)], lens[i], rows[i] = seq, len(seq), req.row
-        expert, gate = self._routing(chunk, r)
         tok, self.cache = _prefill_insert(
             self.graphdef,
             self.state,
+            self._unmerged,
+            self.pool.tables,
             self.cache,
             jnp.asarray(ids),
             jnp.asarray(lens),
             jnp.asarray(rows),
-            expert,
-            gate,
+            self._adapter_slots(chunk, r),
             self._sampling(chunk, r),
-            plan=self.unmerged_plan,
+            k_max=self.pool.max_top_k,
         )
         self.stats["prefills"] += 1
         self._emit(chunk, np.asarray(tok)[: len(chunk)])
 
-    def _routing(self, reqs: list[Request | None], n: int) -> tuple[Array, Array]:
-        expert = np.zeros((n,), np.int32)
-        gate = np.zeros((n,), np.float32)
+    def _adapter_slots(self, reqs: list[Request | None], n: int) -> Array:
+        """[n] base slot of each row's adapter (-1: no adapter, or no request)."""
+        slots = np.full((n,), -1, np.int32)
         for i, req in enumerate(reqs):
             if req is not None and req.adapter_slot is not None:
-                expert[i], gate[i] = req.adapter_slot, 1.0
-        return jnp.asarray(expert), jnp.asarray(gate)
+                slots[i] = req.adapter_slot
+        return jnp.asarray(slots)
 
-    def _sampling(self, reqs: list[Request | None], n: int) -> tuple[Array, ...]:
-        seeds = np.zeros((n,), np.uint32)
-        counters = np.zeros((n,), np.int32)
-        temp = np.zeros((n,), np.float32)
-        top_k = np.zeros((n,), np.int32)
-        top_p = np.ones((n,), np.float32)
-        for i, req in enumerate(reqs):
-            if req is None:
-                continue
-            sp = req.params
-            seeds[i], counters[i] = sp.seed % 2**32, len(req.output)
-            temp[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
-        return tuple(jnp.asarray(x) for x in (seeds, counters, temp, top_k, top_p))
+    def _sampling(self, reqs: list[Request | None], n: int) -> RowSampling:
+        reqs = list(reqs) + [None] * (n - len(reqs))
+        return RowSampling.from_params(
+            [None if r is None else r.params for r in reqs],
+            [0 if r is None else len(r.output) for r in reqs],
+        )
 
     # ------------------------------------------------------------------ decode
-    def _merged_weights(self, adapter: str) -> dict[str, Array] | None:
-        """The merged copy of the adapted linears for ``adapter`` ("" = base: no copy)."""
-        if not adapter or self.pool is None:
-            return None
-        slot = self.pool.slot_of(adapter)
-        ident = (adapter, slot, self.pool.generation[slot])
-        if self._merged is not None and self._merged[0] == ident:
-            return self._merged[1]
-        self._merged = None  # free the old copy before making the new one
-        t0 = time.perf_counter()
-        lins = self.pool._linears
-        weights = _merge_weights(
-            {k: lin.weight[...] for k, lin in lins.items()},
-            {k: lin.lora.a[...] for k, lin in lins.items()},
-            {k: lin.lora.b[...] for k, lin in lins.items()},
-            jnp.int32(slot),
-        )
-        jax.block_until_ready(weights)
-        self.scheduler.timing.observe_merge(time.perf_counter() - t0)
-        self.stats["merges"] += 1
-        self._merged = (ident, weights)
-        return weights
+    def _switch_merged(self, adapter: str) -> None:
+        """Switch the merged weights to ``adapter`` (its slot, gate 1; "": the base, gate 0)."""
+        if self._merged is None:
+            self._merged = _create_merged(self.graphdef, self.state, self._unmerged)
+        slot = self.pool.slot_of(adapter) if adapter else 0
+        selection = (jnp.asarray([slot], jnp.int32), jnp.asarray([1.0 if adapter else 0.0]))
+        if adapter != self.scheduler.merged_adapter:
+            t0 = time.perf_counter()
+            self._merged = jax.block_until_ready(_merge(self._merged, selection))
+            self.scheduler.timing.observe_merge(time.perf_counter() - t0)
+            self.stats["merges"] += 1
+            self.scheduler.merged_adapter = adapter
 
     def _decode(self, plan: StepPlan) -> None:
         self._sync_state()
@@ -552,23 +513,23 @@ class Engine:
             if id(req) in run:
                 active[i], tokens[i], reqs[i] = True, req.output[-1], req
         if plan.mode == "merged":
-            weights, mode = self._merged_weights(plan.adapter), "merged"
-            self.scheduler.merged_adapter = plan.adapter
+            self._switch_merged(plan.adapter or "")
+            weights, mode = self._merged, Plan.MERGED
         else:
-            weights, mode = None, self.unmerged_plan
-        expert, gate = self._routing(reqs, b)
+            weights, mode = self._unmerged, Plan.UNMERGED
         nxt, self.cache = _decode_step(
             self.graphdef,
             self.state,
             weights,
+            self.pool.tables,
             self.cache,
             jnp.asarray(tokens),
             jnp.asarray(positions),
             jnp.asarray(active),
-            expert,
-            gate,
+            self._adapter_slots(reqs, b),
             self._sampling(reqs, b),
             plan=mode,
+            k_max=self.pool.max_top_k,
         )
         nxt = np.asarray(nxt)
         self.stats[f"steps_{plan.mode}"] += 1

@@ -90,11 +90,15 @@ class Scheduler:
         policy: str = "adaptive",
         credit_limit: int = 32,
         explore_every: int = 64,
+        mergeable: Any = None,
     ):
+        """mergeable(adapter) -> bool: whether merged mode can serve that adapter's rows
+        (one selection shared by every row; default: all)."""
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r} must be one of {POLICIES}")
         self.slots, self.policy = slots, policy
         self.credit_limit, self.explore_every = credit_limit, explore_every
+        self.mergeable = mergeable or (lambda adapter: True)
         self.queues: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.credits: collections.Counter[str] = collections.Counter()
         self.timing = StepTimeModel()
@@ -168,6 +172,8 @@ class Scheduler:
         return [k for _, k in sorted(heads)]
 
     def _choose_mode(self, work: collections.Counter, m: str, running: list[Any]) -> str:
+        if not self.mergeable(m):  # e.g. LoRA-Switch rows: each token its own experts
+            return "unmerged"
         if self.policy != "adaptive":
             return self.policy
         n_m = min(self.slots, work[m])
