@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from lsw_jax.adapters.lora import FixedRouter, Router, Routing
+from lsw_jax.linears import FUSED
 from pallas_kernels.lora_unmerged import lora_unmerged
 from pallas_kernels.switch_merge import switch_merge_with_remerge
 
@@ -122,12 +123,7 @@ def unmerged_linear(
 
 def adapted_linears(layer: Any) -> dict[str, Any]:
     """fused linear name -> the fused ``Linear`` of one decoder layer."""
-    return {
-        "qkv_proj": layer.self_attn.qkv_proj,
-        "o_proj": layer.self_attn.o_proj,
-        "gate_up_proj": layer.mlp.gate_up_proj,
-        "down_proj": layer.mlp.down_proj,
-    }
+    return {f.name: getattr(getattr(layer, f.module), f.name) for f in FUSED}
 
 
 def prepare_unmerged(model: Any, impl: str = "auto") -> list[dict[str, FusedBank]]:
@@ -159,7 +155,7 @@ def check_mergeable(model: Any, batch: int) -> str | None:
 def _merged_groups(model: Any) -> dict[str, list[Any]]:
     """fused linear name -> its Linear in every layer; each must be adapted alike."""
     groups: dict[str, list[Any]] = {}
-    for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+    for name in (f.name for f in FUSED):
         lins = [adapted_linears(layer)[name] for layer in model.layers]
         shapes = [
             None if lin.lora is None else tuple((p, lin.lora[p].rank) for p in lin.lora)

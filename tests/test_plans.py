@@ -67,23 +67,33 @@ def test_merged_refused_for_mola_and_unknown_plan():
         lsw_jax.generate(model, ids, 4, plan="fast")
 
 
-def test_unmerged_plan_runs_the_pallas_kernel_in_interpret_mode(monkeypatch):
-    """The GPU code path of the model (kernel dispatch), interpreted on CPU."""
-    import pallas_kernels.lora_unmerged as lu
-    import pallas_kernels.switch_merge as sm
-
+def test_unmerged_plan_runs_the_pallas_kernel_in_interpret_mode():
+    """The GPU code path of the model (the fused kernel over the FusedBanks), interpreted on
+    CPU, gives the dense plan's tokens (per-part deltas, no kernel)."""
     model = _adapted("switch", num_experts=4, top_k=2)
     ids = np.random.default_rng(4).integers(0, 128, (2, 5))
     dense = lsw_jax.generate(model, ids, 3, plan="dense", eos_token_id=[])
-    calls = []
-    real = sm.resolve_impl
-
-    def force_pallas(impl, interpret):
-        calls.append(impl)
-        return real("pallas", True) if impl == "auto" else real(impl, interpret)
-
-    monkeypatch.setattr(sm, "resolve_impl", force_pallas)
-    monkeypatch.setattr(lu, "resolve_impl", force_pallas)
-    got = lsw_jax.generate(model, ids, 3, plan="unmerged", eos_token_id=[])
-    assert calls  # the kernel dispatch really ran
+    got = lsw_jax.generate(model, ids, 3, plan="unmerged", impl="pallas", eos_token_id=[])
     np.testing.assert_array_equal(got, dense)
+
+
+def test_cpu_unmerged_plan_runs_the_kernels_reference(monkeypatch):
+    """Off a GPU, "auto" is the kernel's own jnp reference (not the dense plan's products),
+    and it agrees with the dense plan for every routing kind."""
+    import pallas_kernels.lora_unmerged as lu
+
+    calls = []
+    real = lu.lora_unmerged_reference
+
+    def spy(*args, **kw):
+        calls.append(args[0].shape)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(lu, "lora_unmerged_reference", spy)
+    for kind, kw in (("switch", dict(num_experts=5, top_k=2)), ("mola", dict(num_experts=3))):
+        model = _adapted(kind, seed=5, **kw)
+        ids = np.random.default_rng(5).integers(0, 128, (2, 7))
+        dense = lsw_jax.generate(model, ids, 5, plan="dense", eos_token_id=[])
+        got = lsw_jax.generate(model, ids, 5, plan="unmerged", eos_token_id=[])
+        np.testing.assert_array_equal(got, dense, err_msg=kind)
+    assert calls  # traced through the reference

@@ -65,10 +65,27 @@ def _random_lora(ckpt: Path, name: str, rank: int, seed: int, targets="all") -> 
     save_adapter(model, ckpt, name)
 
 
+def _random_bank(ckpt: Path, name: str, kind: str, seed: int) -> None:
+    """A stored LoRA-Switch / MoLA adapter (4 experts, top-2, rank 4) with random non-zero
+    B and routers strong enough that the chosen experts change from token to token."""
+    model = lsw_jax.load_model(ckpt, dtype="float32")
+    attach_adapter(
+        model, AdapterConfig(kind=kind, num_experts=4, top_k=2, rank=4, alpha=8.0), seed=seed
+    )
+    rng = np.random.default_rng(seed)
+    for _, _, lin in iter_linears(model, model.adapter_config.targets):
+        lin.lora.b.set_value(jnp.asarray(rng.normal(0, 0.2, lin.lora.b[...].shape), jnp.float32))
+    routers = [model.router] if kind == "switch" else [layer.router for layer in model.layers]
+    for router in routers:
+        router.weight.set_value(jnp.asarray(rng.normal(0, 1.0, router.weight[...].shape)))
+    save_adapter(model, ckpt, name)
+
+
 @functools.cache
 def tiny_checkpoint() -> Path:
     """A tiny Llama checkpoint with a tokenizer and stored adapters a1 (r2), a2 (r4, q/v
-    only), a3 (r4); built once per test process."""
+    only), a3 (r4), sw (LoRA-Switch, 4 experts, top-2) and mo (MoLA, 4 experts, top-2);
+    built once per test process."""
     root = Path(tempfile.mkdtemp(prefix="lsw-serve-"))
     cfg = ModelConfig.tiny(vocab_size=VOCAB, eos_token_id=EOS_ID, max_position_embeddings=128)
     model = lsw_jax.init_model(cfg, dtype="float32", seed=3)
@@ -78,6 +95,8 @@ def tiny_checkpoint() -> Path:
     _random_lora(ckpt, "a1", 2, 1)
     _random_lora(ckpt, "a2", 4, 2, targets=("q_proj", "v_proj"))
     _random_lora(ckpt, "a3", 4, 3)
+    _random_bank(ckpt, "sw", "switch", 4)
+    _random_bank(ckpt, "mo", "mola", 5)
     return ckpt
 
 
@@ -93,7 +112,7 @@ def host_adapter(name: str):
     return read_adapter(_base_model().cfg, name, name, tiny_checkpoint())
 
 
-def make_engine(*, adapters=ADAPTERS, pool_slots=POOL, **kw):
+def make_engine(*, adapters=ADAPTERS, pool_slots=POOL, max_experts=1, **kw):
     """A fresh engine (own model, pool and cache) over the shared tiny checkpoint."""
     from flax import nnx
 
@@ -101,7 +120,14 @@ def make_engine(*, adapters=ADAPTERS, pool_slots=POOL, **kw):
     from lsw_jax.serve.engine import Engine
 
     model = nnx.clone(_base_model())
-    pool = AdapterPool(model, capacity=pool_slots, rank=4, ckpt=tiny_checkpoint())
+    pool = AdapterPool(
+        model,
+        capacity=pool_slots,
+        rank=4,
+        max_experts=max_experts,
+        max_top_k=2 if max_experts > 1 else 1,
+        ckpt=tiny_checkpoint(),
+    )
     for name in adapters:
         pool.add(host_adapter(name))
     kw = {"slots": SLOTS, "max_len": MAX_LEN, "max_prefill_rows": 2, **kw}

@@ -239,6 +239,7 @@ class AdapterPool:
 
     def add(self, host: HostAdapter) -> HostAdapter:
         """Register an adapter already in host memory (checked against the model first)."""
+        check_adapter_name(host.name)
         host.check(self.model_cfg, self.targets)
         where = f"adapter {host.name!r} ({host.source})"
         if host.rank > self.rank:

@@ -307,7 +307,7 @@ class Server:
             return _error_response(e)
         now = int(time.time())
         data = [{"id": self.model_id, "object": "model", "created": now, "owned_by": "lsw-jax"}]
-        for name in [] if self.engine.pool is None else self.engine.pool.names():
+        for name, info in self.engine.pool.describe().items():
             data.append(
                 {
                     "id": name,
@@ -315,6 +315,9 @@ class Server:
                     "created": now,
                     "owned_by": "lsw-jax",
                     "parent": self.model_id,
+                    "kind": info["kind"],  # lora | switch | mola
+                    "num_experts": info["num_experts"],
+                    "top_k": info["top_k"],
                 }
             )
         return JSONResponse({"object": "list", "data": data})
@@ -543,15 +546,23 @@ def build_server(
     max_len: int | None = None,
     pool_slots: int = 8,
     pool_rank: int = 16,
+    pool_max_experts: int = 8,
+    pool_top_k: int = 2,
     policy: str = "adaptive",
     api_key: str | None = None,
     dtype: str | None = None,
     model_id: str | None = None,
     max_waiting: int = 256,
 ) -> Server:
-    """Load a checkpoint (and its tokenizer), attach an adapter pool, wrap it in a Server."""
+    """Load a checkpoint (and its tokenizer), attach an adapter pool, wrap it in a Server.
+
+    adapters: name -> PEFT directory or stored adapter of any kind (plain LoRA, LoRA-Switch,
+    MoLA). The pool holds ``pool_slots`` expert slots (an adapter of E experts takes E),
+    grown to the largest registered adapter; ``pool_max_experts`` / ``pool_top_k`` bound
+    what it accepts (adapters given here raise them as needed).
+    """
     from lsw_jax.checkpoint import load_model
-    from lsw_jax.serve.adapter_pool import AdapterPool
+    from lsw_jax.serve.adapter_pool import AdapterPool, read_adapter
     from lsw_jax.tokenizer import Tokenizer
 
     ckpt = Path(ckpt)
@@ -559,9 +570,18 @@ def build_server(
     tok = Tokenizer.from_hf_dir(ckpt) if (ckpt / "tokenizer.json").exists() else None
     pool = None
     if adapters:
-        pool = AdapterPool(model, capacity=pool_slots, rank=pool_rank, ckpt=ckpt)
-        for name, src in adapters.items():
-            pool.register(name, src)
+        hosts = [read_adapter(model.cfg, name, src, ckpt) for name, src in adapters.items()]
+        experts = max([pool_max_experts] + [h.num_experts for h in hosts])
+        pool = AdapterPool(
+            model,
+            capacity=max(pool_slots, experts),
+            rank=pool_rank,
+            max_experts=experts,
+            max_top_k=max([pool_top_k] + [h.top_k for h in hosts]),
+            ckpt=ckpt,
+        )
+        for host in hosts:
+            pool.add(host)
     eos = tuple(model.cfg.eos_token_ids)
     if not eos and tok is not None and tok.eos_token_id is not None:
         eos = (tok.eos_token_id,)
@@ -582,7 +602,7 @@ def _parse_adapters(items: list[str]) -> dict[str, str]:
     for item in items:
         name, sep, src = item.partition("=")
         if not sep or not name or not src:
-            raise ValueError(f"--adapters {item!r}: expected NAME=PEFT_DIR_OR_STORED_NAME")
+            raise ValueError(f"--adapters {item!r}: expected NAME=PEFT_DIR_OR_STORED_ADAPTER")
         out[name] = src
     return out
 
@@ -597,6 +617,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_len=args.max_len,
         pool_slots=args.pool_slots,
         pool_rank=args.pool_rank,
+        pool_max_experts=args.pool_max_experts,
+        pool_top_k=args.pool_top_k,
         policy=args.policy,
         api_key=args.api_key,
         dtype=args.dtype,
@@ -614,8 +636,15 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--slots", type=int, default=8, help="concurrent requests (batch rows)")
     p.add_argument("--max-len", type=int, default=None, help="tokens per request (prompt + output)")
-    p.add_argument("--pool-slots", type=int, default=8, help="adapters resident on the device")
+    p.add_argument(
+        "--pool-slots",
+        type=int,
+        default=8,
+        help="expert slots resident on the device (a plain LoRA takes 1, an E-expert bank E)",
+    )
     p.add_argument("--pool-rank", type=int, default=16, help="largest LoRA rank the pool holds")
+    p.add_argument("--pool-max-experts", type=int, default=8, help="largest expert bank")
+    p.add_argument("--pool-top-k", type=int, default=2, help="largest router top-k")
     p.add_argument("--policy", default="adaptive", choices=["adaptive", "merged", "unmerged"])
     p.add_argument("--served-model-name", default=None, help="model id of the base model")
     p.add_argument("--dtype", default=None)
