@@ -56,11 +56,11 @@ def decode_step(
     and loop and of the engine's prefill and decode.
 
     ``weights``: the plan's prepared weights (``lsw_jax.plans``): per layer FusedBanks
-    (unmerged), a ``MergedWeights`` already switched to the selection (merged) or None
-    (dense). ``routing``: per-row experts given by the caller (the engine's ``RowRouter``);
+    (unmerged), a ``MergedWeights`` already switched to the selection (merged; None: the
+    plain weights) or None (dense). ``routing``: per-row experts given by the caller (the engine's ``RowRouter``);
     None routes through the model's own router(s).
     """
-    if plan is Plan.MERGED:
+    if plan is Plan.MERGED and weights is not None:
         weights = weights.layer_weights(len(model.layers))
     return model.forward(
         tokens,

@@ -69,8 +69,9 @@ class Linear(nnx.Module):
         linear (``lsw_jax.plans``): a ``FusedBank`` (unmerged) or ``W_eff`` (merged)."""
         x = x.astype(self.dtype)
         bias = None if self.bias is None else self.bias[...].astype(self.dtype)
-        if plan is Plan.MERGED and weights is not None:
-            return _dense(x, weights.astype(self.dtype), bias)
+        if plan is Plan.MERGED:  # W_eff already holds the experts (None: nothing merged)
+            w = self.weight[...] if weights is None else weights
+            return _dense(x, w.astype(self.dtype), bias)
         w = self.weight[...].astype(self.dtype)
         if self.lora is None or routing is None:
             return _dense(x, w, bias)
@@ -78,7 +79,7 @@ class Linear(nnx.Module):
             return unmerged_linear(x, w, bias, weights, routing)
         if plan is Plan.DENSE:
             return _dense(x, w, bias) + self.delta(x, routing).astype(self.dtype)
-        raise ValueError(f"{plan=} needs prepared weights for an adapted linear")
+        raise ValueError(f"unknown {plan=}")
 
     def delta(self, x: Array, routing: Any) -> Array:
         """The parts' LoRA deltas [..., out] in the fused row layout (zeros where a part

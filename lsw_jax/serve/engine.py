@@ -48,12 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsw_jax.adapters.lora import RowRouter
+from lsw_jax.adapters.lora import RouterTables, RowRouter
 from lsw_jax.decode import decode_step
 from lsw_jax.model.llama import KVCache
 from lsw_jax.plans import MergedWeights, Plan, check_impl, prepare_unmerged
 from lsw_jax.sampling import RowSampling, SamplingParams, sample_rows
-from lsw_jax.serve.adapter_pool import AdapterPool
 from lsw_jax.serve.scheduler import Scheduler, StepPlan
 
 Array = jax.Array
@@ -132,7 +131,7 @@ def _decode_step(
     TRACE_COUNTS[f"decode_{plan.value}"] += 1
     model = nnx.merge(graphdef, state)
     cache = dataclasses.replace(cache, index=positions)  # row b writes its slot positions[b]
-    router = RowRouter(tables, rows, k_max=k_max)
+    router = None if tables is None else RowRouter(tables, rows, k_max=k_max)
     out = decode_step(
         model,
         tokens[:, None],
@@ -157,9 +156,10 @@ def _prefill_insert(graphdef, state, weights, tables, cache, ids, lens, rows, sl
     r, p = ids.shape
     mask = jnp.arange(p)[None, :] < lens[:, None]
     small = KVCache.create(model.cfg, r, p, cache.k[0].dtype)
-    router = RowRouter(tables, slots, k_max=k_max)
+    router = None if tables is None else RowRouter(tables, slots, k_max=k_max)
+    plan = Plan.DENSE if tables is None else Plan.UNMERGED
     positions = jnp.broadcast_to(jnp.arange(p)[None], (r, p))
-    out = decode_step(model, ids, positions, mask, small, Plan.UNMERGED, weights, routing=router)
+    out = decode_step(model, ids, positions, mask, small, plan, weights, routing=router)
     last = jnp.take_along_axis(out.logits, (lens - 1)[:, None, None], axis=1)[:, 0]
     tok = sample_rows(last, rs)
     s = cache.length
@@ -242,9 +242,6 @@ class Engine:
             slots, policy=policy, credit_limit=credit_limit, mergeable=self._mergeable
         )
         self.max_waiting = max_waiting
-        if pool is None:  # no adapters: an empty pool keeps one code path (gate 0 rows)
-            pool = AdapterPool(model, capacity=1, rank=1, max_experts=1, max_top_k=1)
-        self.pool = pool
         self._pool_version = -1
         self._unmerged: Any = None  # the pool's FusedBanks, per layer
         self._merged: MergedWeights | None = None
@@ -276,7 +273,7 @@ class Engine:
             )
         if any(not 0 <= t < self.cfg.vocab_size for t in req.prompt):
             raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
-        if req.adapter and req.adapter not in self.pool.names():
+        if req.adapter and (self.pool is None or req.adapter not in self.pool.names()):
             raise ValueError(f"unknown adapter {req.adapter!r}")
 
     def submit(self, req: Request) -> Request:
@@ -408,14 +405,24 @@ class Engine:
 
     def _sync_state(self) -> None:
         """Re-split the model and rebuild the plans' weights after the pool changed."""
-        if self.pool.version == self._pool_version:
+        version = 0 if self.pool is None else self.pool.version
+        if version == self._pool_version:
             return
         self.graphdef, self.state = nnx.split(self.model)
-        self._unmerged = _prepare_unmerged(self.graphdef, self.state, self.impl)
+        if self.pool is not None:
+            self._unmerged = _prepare_unmerged(self.graphdef, self.state, self.impl)
         if self._merged is not None:  # re-stacked from the new banks on the next merged step
             self._merged = None
             self.scheduler.merged_adapter = None
-        self._pool_version = self.pool.version
+        self._pool_version = version
+
+    @property
+    def _tables(self) -> RouterTables | None:
+        return None if self.pool is None else self.pool.tables
+
+    @property
+    def _k_max(self) -> int:
+        return 1 if self.pool is None else self.pool.max_top_k
 
     def _mergeable(self, adapter: str) -> bool:
         """Merged mode serves one shared selection: the base model or a plain LoRA."""
@@ -457,14 +464,14 @@ class Engine:
             self.graphdef,
             self.state,
             self._unmerged,
-            self.pool.tables,
+            self._tables,
             self.cache,
             jnp.asarray(ids),
             jnp.asarray(lens),
             jnp.asarray(rows),
             self._adapter_slots(chunk, r),
             self._sampling(chunk, r),
-            k_max=self.pool.max_top_k,
+            k_max=self._k_max,
         )
         self.stats["prefills"] += 1
         self._emit(chunk, np.asarray(tok)[: len(chunk)])
@@ -485,18 +492,22 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ decode
-    def _switch_merged(self, adapter: str) -> None:
-        """Switch the merged weights to ``adapter`` (its slot, gate 1; "": the base, gate 0)."""
+    def _switch_merged(self, adapter: str) -> MergedWeights | None:
+        """Merged weights switched to ``adapter`` (its slot, gate 1); None for the base
+        model ("": the plain weights, nothing merged)."""
+        if not adapter:
+            return None
         if self._merged is None:
             self._merged = _create_merged(self.graphdef, self.state, self._unmerged)
-        slot = self.pool.slot_of(adapter) if adapter else 0
-        selection = (jnp.asarray([slot], jnp.int32), jnp.asarray([1.0 if adapter else 0.0]))
         if adapter != self.scheduler.merged_adapter:
+            slot = self.pool.slot_of(adapter)
+            selection = (jnp.asarray([slot], jnp.int32), jnp.ones((1,), jnp.float32))
             t0 = time.perf_counter()
             self._merged = jax.block_until_ready(_merge(self._merged, selection))
             self.scheduler.timing.observe_merge(time.perf_counter() - t0)
             self.stats["merges"] += 1
-            self.scheduler.merged_adapter = adapter
+        self.scheduler.merged_adapter = adapter
+        return self._merged
 
     def _decode(self, plan: StepPlan) -> None:
         self._sync_state()
@@ -513,15 +524,16 @@ class Engine:
             if id(req) in run:
                 active[i], tokens[i], reqs[i] = True, req.output[-1], req
         if plan.mode == "merged":
-            self._switch_merged(plan.adapter or "")
-            weights, mode = self._merged, Plan.MERGED
+            weights, mode = self._switch_merged(plan.adapter or ""), Plan.MERGED
+        elif self.pool is None:
+            weights, mode = None, Plan.DENSE  # no adapters: plain products
         else:
             weights, mode = self._unmerged, Plan.UNMERGED
         nxt, self.cache = _decode_step(
             self.graphdef,
             self.state,
             weights,
-            self.pool.tables,
+            self._tables,
             self.cache,
             jnp.asarray(tokens),
             jnp.asarray(positions),
@@ -529,7 +541,7 @@ class Engine:
             self._adapter_slots(reqs, b),
             self._sampling(reqs, b),
             plan=mode,
-            k_max=self.pool.max_top_k,
+            k_max=self._k_max,
         )
         nxt = np.asarray(nxt)
         self.stats[f"steps_{plan.mode}"] += 1
