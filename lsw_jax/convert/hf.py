@@ -6,9 +6,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from lsw_jax.checkpoint import StatePath
 from lsw_jax.config import ModelConfig
-
-StatePath = tuple  # e.g. ("layers", 3, "self_attn", "q_proj", "weight")
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
