@@ -1,9 +1,9 @@
 """lsw-jax: LoRA-Switch and dLoRA-style multi-adapter serving in JAX."""
 
-from lsw_jax.checkpoint import load_model, save_model
 from lsw_jax.config import ModelConfig
 from lsw_jax.convert import convert_checkpoint
 from lsw_jax.decode import generate
+from lsw_jax.loading import load_model, save_model
 from lsw_jax.model.llama import KVCache, LlamaModel, init_model
 
 __all__ = [

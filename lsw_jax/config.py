@@ -137,12 +137,6 @@ class ModelConfig:
         return cls.from_hf_config(data, source=str(path))
 
     @classmethod
-    def from_gguf(cls, path: str | Path) -> ModelConfig:
-        from lsw_jax.convert.gguf import gguf_hf_config
-
-        return cls.from_hf_config(gguf_hf_config(path), source=str(path))
-
-    @classmethod
     def tiny(cls, **overrides: Any) -> ModelConfig:
         """A test-sized Llama: 2 layers, GQA 4/2 heads, hidden 64."""
         base = dict(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from typing import Any
 
@@ -99,33 +97,3 @@ def multiple_choice(model: Any, tokenizer: Any, items: list[Any]) -> dict:
         correct_norm += int(np.argmax(norm) == item.answer)
         k += len(item.choices)
     return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "n": len(items)}
-
-
-def _cmd_eval(args: argparse.Namespace) -> None:
-    from lsw_jax.checkpoint import load_model
-    from lsw_jax.data import load_documents, read_multiple_choice
-    from lsw_jax.tokenizer import Tokenizer
-
-    model = load_model(args.ckpt, dtype=args.dtype, adapter=args.adapter)
-    tok = Tokenizer.from_hf_dir(args.ckpt)
-    result: dict[str, Any] = {}
-    if args.text:
-        docs = load_documents(args.text)
-        texts = [d if isinstance(d, str) else d.get("text", "") for d in docs]
-        result["text"] = perplexity(model, tok, texts, max_len=args.max_len)
-    if args.choices:
-        result["multiple_choice"] = multiple_choice(model, tok, read_multiple_choice(args.choices))
-    if not result:
-        raise ValueError("give --text FILES and/or --choices FILE.jsonl")
-    print(json.dumps(result, indent=2))
-
-
-def register_cli(sub: Any) -> None:
-    p = sub.add_parser("eval", help="perplexity on text; multiple-choice accuracy")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--text", nargs="*", help=".txt / .jsonl files")
-    p.add_argument("--choices", help="JSONL of {question, choices, answer}")
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--dtype", default=None)
-    p.set_defaults(func=_cmd_eval)

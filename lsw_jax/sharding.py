@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -241,26 +240,6 @@ def shard_model(model: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> An
     state = nnx.state(model)
     nnx.update(model, place(state, model_shardings(model, mesh, rules)))
     return model
-
-
-def sharded_load_model(
-    ckpt: str | Path,
-    mesh: Mesh,
-    *,
-    dtype: Any = None,
-    param_dtype: Any = None,
-    adapter: str | Path | None = None,
-    rules: Rules = LOGICAL_AXIS_RULES,
-) -> Any:
-    """``checkpoint.load_model`` restoring each backbone tensor directly into its sharding
-    (Orbax reads only the slices each device holds: no full copy on one host); an attached
-    adapter (small) is placed afterwards."""
-    from lsw_jax.checkpoint import load_model
-
-    model = load_model(
-        ckpt, dtype=dtype, param_dtype=param_dtype, adapter=adapter, mesh=mesh, rules=rules
-    )
-    return shard_model(model, mesh, rules)
 
 
 # ---------------------------------------------------------------------- accounting

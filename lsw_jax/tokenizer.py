@@ -4,7 +4,8 @@ Two sources, one object:
 
 - an HF folder (``tokenizer.json`` + ``tokenizer_config.json``): ``Tokenizer.from_hf_dir``;
 - a GGUF file, whose metadata holds the vocabulary, merges and token types under llama.cpp's
-  key names (``tokenizer.ggml.*``): ``Tokenizer.from_gguf`` rebuilds the byte-level BPE.
+  key names (``tokenizer.ggml.*``): ``Tokenizer.from_gguf_metadata`` rebuilds the byte-level
+  BPE (``lsw_jax.convert.gguf.gguf_tokenizer`` reads the file).
 
 ``save`` writes the HF pair back, so a converted checkpoint carries its tokenizer and
 ``from_hf_dir`` (or transformers' ``AutoTokenizer``) reads it again.
@@ -12,9 +13,9 @@ Two sources, one object:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -234,8 +235,11 @@ class Tokenizer:
     # ---------------------------------------------------------------- GGUF
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_gguf_metadata(cls, field: Callable[..., Any], path: str) -> Tokenizer:
         """Rebuild the tokenizer stored in a GGUF file's ``tokenizer.*`` metadata.
+
+        ``field(key, default=None)`` returns a metadata value of the file ``path`` (named in
+        errors); ``lsw_jax.convert.gguf.gguf_tokenizer`` passes the file's reader.
 
         Supports ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE) with a
         ``tokenizer.ggml.pre`` in ``GGUF_PRE_TOKENIZERS``. Tokens typed CONTROL become special
@@ -245,13 +249,6 @@ class Tokenizer:
           ValueError: another tokenizer model (e.g. "llama" sentencepiece) or pre-tokenizer,
             naming it; or an unreadable file.
         """
-        # Imported here so that importing the tokenizer does not pull in the converters.
-        from lsw_jax.convert.gguf import gguf_field, open_gguf
-
-        path = os.fspath(path)
-        reader = open_gguf(path)
-        field = functools.partial(gguf_field, reader)
-
         model = field("tokenizer.ggml.model")
         if model != "gpt2":
             raise ValueError(

@@ -10,7 +10,6 @@ resumed run replays exactly the batches and losses of an uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -23,7 +22,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from tqdm import tqdm
 
+from lsw_jax import sharding as sh
 from lsw_jax.adapters.lora import (
     LoRAParam,
     Routing,
@@ -32,7 +33,11 @@ from lsw_jax.adapters.lora import (
     router_z_loss,
     routing_stats,
 )
+from lsw_jax.adapters.store import save_adapter
 from lsw_jax.config import AdapterConfig
+from lsw_jax.convert.peft import export_peft_adapter
+from lsw_jax.data import Batches, load_documents, pack_documents
+from lsw_jax.loading import load_model, load_tokenizer
 
 Array = jax.Array
 
@@ -192,8 +197,6 @@ def make_train_step(graphdef: Any, optimizer: Any, adapter: AdapterConfig, shard
 
 
 def build_data(cfg: TrainConfig, tokenizer: Any):
-    from lsw_jax.data import Batches, load_documents, pack_documents
-
     if not cfg.data:
         raise ValueError("data: give at least one .txt or .jsonl file")
     docs = load_documents(cfg.data)
@@ -228,17 +231,13 @@ class Trainer:
         ``jax.sharding.Mesh``; backbone, adapters and batches are then laid out by
         ``sharding.LOGICAL_AXIS_RULES`` (data, FSDP and tensor parallel) and jit places
         the collectives."""
-        from lsw_jax.checkpoint import load_model
-
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.mesh = mesh
         if model is None:
             model = load_model(cfg.ckpt, dtype=cfg.dtype, mesh=mesh)
         if tokenizer is None and batches is None:
-            from lsw_jax.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_hf_dir(cfg.ckpt)
+            tokenizer = load_tokenizer(cfg.ckpt, required=True)
         attach_adapter(model, cfg.adapter, seed=cfg.seed)
         if cfg.remat:
             model.remat = True
@@ -265,8 +264,6 @@ class Trainer:
 
     def _shard_states(self, mesh: Any) -> tuple:
         """Place the states on ``mesh`` by the rules; returns (trainable, rng, opt) shardings."""
-        from lsw_jax import sharding as sh
-
         units = sh.head_units(self.model.cfg)
         self.trainable, self.rng_state, self.frozen = (
             sh.place(s, sh.state_shardings(s, mesh, units=units))
@@ -290,8 +287,6 @@ class Trainer:
         batch = _stack_micro(next(self.batches), self.cfg.grad_accum)
         if self.mesh is None:
             return batch
-        from lsw_jax import sharding as sh
-
         axes = (None, "batch", "length")
         return sh.place(
             batch, {k: sh.named_sharding(axes, v.shape, self.mesh) for k, v in batch.items()}
@@ -346,8 +341,6 @@ class Trainer:
 
     def run(self, *, stop_after: int | None = None, progress: bool = True) -> list[dict]:
         """Train to ``cfg.steps`` (or stop after ``stop_after`` more steps); metrics per step."""
-        from tqdm import tqdm
-
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
         history = []
@@ -381,21 +374,17 @@ class Trainer:
         self.save(force=True)
         self.manager.wait_until_finished()
         nnx.update(self.model, self.trainable)
-        from lsw_jax.adapters.store import save_adapter
-
         save_adapter(self.model, self.out, "final", overwrite=True)
         if self.cfg.adapter_name:
             save_adapter(self.model, self.cfg.ckpt, self.cfg.adapter_name, overwrite=True)
         if self.cfg.adapter.kind == "lora":
-            from lsw_jax.convert.peft import export_peft_adapter
-
             export_peft_adapter(self.model, self.out / "peft")
         plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
     try:
-        import matplotlib
+        import matplotlib  # optional (the dev extra): a run without it just skips the plot
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -412,47 +401,3 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------- CLI
-
-
-def _cmd_train(args: argparse.Namespace) -> None:
-    overrides = dict(
-        ckpt=args.ckpt,
-        out_dir=args.out,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        adapter_name=args.adapter_name,
-    )
-    if args.data:
-        overrides["data"] = args.data
-    if args.config:
-        cfg = TrainConfig.from_file(args.config, **overrides)
-    else:
-        raw = {k: v for k, v in overrides.items() if v is not None}
-        raw["adapter"] = {"kind": args.kind}
-        cfg = TrainConfig.from_dict(raw)
-    trainer = Trainer(cfg, mesh=getattr(args, "device_mesh", None))
-    trainer.run()
-    trainer.finish()
-    print(f"trained {cfg.adapter.kind} adapter -> {cfg.out_dir}")
-
-
-def register_cli(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a switch/mola/lora adapter on a frozen backbone")
-    p.add_argument("--config", help="JSON file with TrainConfig fields (flags override)")
-    p.add_argument("--ckpt")
-    p.add_argument("--data", nargs="+", help=".txt / .jsonl files")
-    p.add_argument("--out")
-    p.add_argument("--kind", default="switch", choices=["switch", "mola", "lora"])
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--adapter-name", help="also store the adapter in CKPT/adapters/NAME")
-    p.set_defaults(func=_cmd_train)

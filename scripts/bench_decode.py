@@ -219,8 +219,8 @@ def load_ours(name: str, dtype: Any) -> Any:
 
         return init_model(LLAMA2_7B, dtype=dtype or jnp.bfloat16)
     from lsw_jax import convert_checkpoint
-    from lsw_jax.checkpoint import load_model
     from lsw_jax.convert.gguf import shipped_smollm2_gguf
+    from lsw_jax.loading import load_model
 
     gguf = shipped_smollm2_gguf()
     if gguf is None:

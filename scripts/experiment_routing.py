@@ -118,7 +118,7 @@ def load(args) -> tuple[Any, Any, str]:
 
         cfg = ModelConfig.tiny(vocab_size=260, max_position_embeddings=max(256, args.seq_len))
         return lsw_jax.init_model(cfg, dtype="float32", seed=0), ByteTokenizer(), "tiny-random"
-    from lsw_jax.checkpoint import load_model
+    from lsw_jax.loading import load_model
     from lsw_jax.tokenizer import Tokenizer
 
     ckpt = pathlib.Path(args.ckpt)

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import scipy
 
-from lsw_jax.serve.cluster_sim import (
+from lsw_jax.cluster.simulator import (
     ClusterConfig,
     MigrationPolicy,
     StepCostTable,

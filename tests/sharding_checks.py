@@ -27,9 +27,9 @@ from flax import nnx  # noqa: E402
 
 from lsw_jax import sharding as sh  # noqa: E402
 from lsw_jax.adapters.lora import LoRAParam, attach_adapter  # noqa: E402
-from lsw_jax.checkpoint import save_model  # noqa: E402
 from lsw_jax.config import AdapterConfig, ModelConfig  # noqa: E402
 from lsw_jax.decode import generate  # noqa: E402
+from lsw_jax.loading import save_model, sharded_load_model  # noqa: E402
 from lsw_jax.model.llama import init_model  # noqa: E402
 
 ADAPTER = AdapterConfig(kind="switch", num_experts=4, top_k=2, rank=4)
@@ -126,7 +126,7 @@ def check_sharded_load(out: dict, tmp: Path) -> None:
     model = init_model(cfg, seed=3, dtype="float32")
     save_model(model, tmp / "ckpt")
     mesh = sh.MeshConfig.parse(MESHES["data2_fsdp2_tensor2"]).make()
-    loaded = sh.sharded_load_model(tmp / "ckpt", mesh, dtype="float32")
+    loaded = sharded_load_model(tmp / "ckpt", mesh, dtype="float32")
     expected = sh.model_shardings(model, mesh)
     mismatched, max_err = [], 0.0
     flat_loaded = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from lsw_jax.serve.cluster_sim import (
+from lsw_jax.cluster.simulator import (
     ClusterConfig,
     MigrationPolicy,
     StepCostTable,

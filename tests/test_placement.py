@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from lsw_jax.serve.placement import (
+from lsw_jax.cluster.placement import (
     PlacementProblem,
     check_plan,
     evaluate,

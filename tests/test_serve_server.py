@@ -341,6 +341,6 @@ def test_cli_builds_a_server_from_a_checkpoint():
         r = client.post("/v1/completions", json={"model": "x", "prompt": "w1 w2", "max_tokens": 40})
         assert r.status_code == 400 and "context is 32" in r.json()["error"]["message"]
     with pytest.raises(ValueError, match="NAME=PEFT_DIR_OR_STORED_NAME"):
-        from lsw_jax.serve.server import _parse_adapters
+        from lsw_jax.cli import parse_adapters
 
-        _parse_adapters(["oops"])
+        parse_adapters(["oops"])

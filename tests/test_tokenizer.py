@@ -11,6 +11,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from lsw_jax.convert.gguf import gguf_tokenizer  # noqa: E402
 from lsw_jax.tokenizer import Tokenizer  # noqa: E402
 
 TEXTS = [
@@ -38,7 +39,7 @@ MESSAGES = [
 
 @pytest.fixture(scope="module")
 def tok(smollm2_path):
-    return Tokenizer.from_gguf(smollm2_path)
+    return gguf_tokenizer(smollm2_path)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def _tiny_vocab_gguf(path, *, model="gpt2", pre="smollm", add_bos=False):
 
 
 def test_tiny_gguf_tokenizer_bos_and_added_tokens(tmp_path):
-    tokenizer = Tokenizer.from_gguf(_tiny_vocab_gguf(tmp_path / "t.gguf", add_bos=True))
+    tokenizer = gguf_tokenizer(_tiny_vocab_gguf(tmp_path / "t.gguf", add_bos=True))
     # "ab a<tool>b": merges a+b and Ġ+a; <tool> (USER_DEFINED) stays whole; BOS prepended
     assert tokenizer.encode("ab a<tool>b") == [0, 4, 6, 7, 3]
     assert tokenizer.encode("ab", add_special_tokens=False) == [4]
@@ -143,6 +144,6 @@ def test_tiny_gguf_tokenizer_bos_and_added_tokens(tmp_path):
 
 def test_unsupported_tokenizer_model_and_pre(tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer model 'llama'.*gpt2"):
-        Tokenizer.from_gguf(_tiny_vocab_gguf(tmp_path / "sp.gguf", model="llama"))
+        gguf_tokenizer(_tiny_vocab_gguf(tmp_path / "sp.gguf", model="llama"))
     with pytest.raises(ValueError, match=r"pre-tokenizer 'qwen2'.*smollm"):
-        Tokenizer.from_gguf(_tiny_vocab_gguf(tmp_path / "q.gguf", pre="qwen2"))
+        gguf_tokenizer(_tiny_vocab_gguf(tmp_path / "q.gguf", pre="qwen2"))

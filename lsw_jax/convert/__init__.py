@@ -5,23 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from lsw_jax.checkpoint import atomic_directory, save_params_streaming, write_config
 from lsw_jax.config import ModelConfig
+from lsw_jax.convert.gguf import gguf_hf_config, gguf_tokenizer, iter_gguf_tensors
 from lsw_jax.convert.hf import hf_key_table, map_hf_tensors
+from lsw_jax.convert.safetensors_io import iter_safetensors
+from lsw_jax.tokenizer import Tokenizer
 
 
 def _source_of(src: Path) -> tuple[ModelConfig, Any, str]:
     """(config, HF-named tensor stream, kind) of an HF folder or a GGUF file."""
     if src.is_file() and src.suffix == ".gguf":
-        from lsw_jax.convert.gguf import gguf_hf_config, iter_gguf_tensors
-
         return (
             ModelConfig.from_hf_config(gguf_hf_config(src), source=str(src)),
             iter_gguf_tensors(src),
             "gguf",
         )
     if src.is_dir():
-        from lsw_jax.convert.safetensors_io import iter_safetensors
-
         return ModelConfig.from_json_file(src / "config.json"), iter_safetensors(src), "hf"
     raise FileNotFoundError(f"{src}: expected an HF model folder or a .gguf file")
 
@@ -29,9 +31,7 @@ def _source_of(src: Path) -> tuple[ModelConfig, Any, str]:
 def _save_tokenizer(src: Path, kind: str, dst: Path) -> bool:
     if kind != "gguf" and not (src / "tokenizer.json").exists():
         return False
-    from lsw_jax.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_gguf(src) if kind == "gguf" else Tokenizer.from_hf_dir(src)
+    tok = gguf_tokenizer(src) if kind == "gguf" else Tokenizer.from_hf_dir(src)
     tok.save(dst)
     return True
 
@@ -50,19 +50,14 @@ def convert_checkpoint(
     failure leaves nothing there. ``dtype`` (e.g. ``"bfloat16"``) casts the stored weights;
     by default they keep the source dtype (GGUF quantized types are stored dequantized, fp32).
     """
-    from tqdm import tqdm
-
-    from lsw_jax.checkpoint import atomic_directory, save_params_streaming, write_config
-
     src, dst = Path(src), Path(dst)
     cfg, tensors, kind = _source_of(src)
-    total = len(hf_key_table(cfg))
+    paths = [path for path, _ in hf_key_table(cfg).values()]
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         write_config(tmp, cfg)
-        with tqdm(total=total, desc=f"convert {src.name}", disable=not show_progress) as bar:
-            save_params_streaming(
-                tmp, cfg, map_hf_tensors(cfg, tensors, source=str(src)), dtype=dtype, progress=bar
-            )
+        with tqdm(total=len(paths), desc=f"convert {src.name}", disable=not show_progress) as bar:
+            tensors = map_hf_tensors(cfg, tensors, source=str(src))
+            save_params_streaming(tmp, paths, tensors, dtype=dtype, progress=bar)
         _save_tokenizer(src, kind, tmp)
     return dst
 

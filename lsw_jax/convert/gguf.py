@@ -20,27 +20,28 @@ arrays ``gguf.GGUFReader`` hands out are already row-major ``[out, in]``, HF's l
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-try:
+from lsw_jax.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
     import gguf
-except ImportError as e:  # pragma: no cover - gguf is a core dependency
-    raise ImportError("reading GGUF files needs the `gguf` package (pip install gguf)") from e
 
-_QT = gguf.GGMLQuantizationType
-
-# Tensor types we dequantise. Others (IQ*, Q2_K, Q3_K, Q5_*, ...) may well work through
-# gguf.quants too, but nothing here tests them, so they are refused rather than trusted.
-SUPPORTED_TENSOR_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(
-    {_QT.F32, _QT.F16, _QT.BF16, _QT.Q8_0, _QT.Q4_0, _QT.Q4_1, _QT.Q4_K, _QT.Q6_K}
+# Names of the tensor types we dequantise (``gguf.GGMLQuantizationType``). Others (IQ*, Q2_K,
+# Q3_K, Q5_*, ...) may well work through gguf.quants too, but nothing here tests them, so they
+# are refused rather than trusted.
+SUPPORTED_TENSOR_TYPES: frozenset[str] = frozenset(
+    {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
 )
 
 # general.architecture -> HF model class. llama.cpp writes Mistral 7B v0.x as "llama";
@@ -121,11 +122,21 @@ def shipped_smollm2_gguf() -> Path | None:
     return None
 
 
+def _gguf_package() -> ModuleType:
+    """The ``gguf`` package, imported on first use: only reading a GGUF file needs it, and
+    hosts that only load converted checkpoints (the GPU machines) may not have it."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("reading GGUF files needs the `gguf` package (pip install gguf)") from e
+    return gguf
+
+
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     """A memory-mapped ``gguf.GGUFReader``; a corrupt or truncated file raises a ValueError naming it."""
     path = os.fspath(path)
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _gguf_package().GGUFReader(path)
     except FileNotFoundError:
         raise
     except Exception as e:  # gguf raises bare ValueErrors/IndexErrors about reshapes and views
@@ -266,6 +277,13 @@ def gguf_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     return _hf_config(open_gguf(path), path)
 
 
+def gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer stored in a GGUF file's ``tokenizer.*`` metadata (see
+    ``Tokenizer.from_gguf_metadata`` for what is supported)."""
+    path = os.fspath(path)
+    return Tokenizer.from_gguf_metadata(functools.partial(gguf_field, open_gguf(path)), path)
+
+
 def _hf_name(gguf_name: str) -> str | None:
     """HF name for a GGUF tensor name, None when the name is not one we know."""
     if gguf_name in _GLOBAL_TENSORS:
@@ -336,13 +354,13 @@ def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray
             raise ValueError(f"{path}: unknown GGUF tensor {t.name!r} ({t.tensor_type.name})")
         if hf_name in seen:
             raise ValueError(f"{path}: duplicate tensor {t.name!r}")
-        if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
+        if t.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
             raise ValueError(
                 f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, not supported; "
-                f"supported: {sorted(q.name for q in SUPPORTED_TENSOR_TYPES)}"
+                f"supported: {sorted(SUPPORTED_TENSOR_TYPES)}"
             )
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = _gguf_package().quants.dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise ValueError(
                 f"{path}: cannot dequantize tensor {t.name!r} ({t.tensor_type.name}): {e}"

@@ -15,9 +15,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
+from lsw_jax.adapters.lora import attach_adapter, iter_linears
 from lsw_jax.config import ALL_TARGETS, AdapterConfig
+from lsw_jax.convert.safetensors_io import iter_safetensors_file
 
 _PREFIX = "base_model.model."
 _NAME = re.compile(
@@ -62,8 +66,6 @@ def read_peft_adapter(
     folder: str | Path, num_layers: int
 ) -> tuple[AdapterConfig, dict[tuple[int, str], tuple[np.ndarray, np.ndarray, float]]]:
     """(config, {(layer, module): (A [r, in], B [out, r], scaling)}) of a PEFT LoRA folder."""
-    from lsw_jax.convert.safetensors_io import iter_safetensors_file
-
     folder = Path(folder)
     cfg = read_peft_config(folder)
     weights = folder / "adapter_model.safetensors"
@@ -111,10 +113,6 @@ def read_peft_adapter(
 
 def load_peft_adapter(model: Any, folder: str | Path) -> Any:
     """Attach a PEFT LoRA adapter to ``model`` in place; its logits become PEFT's."""
-    import jax.numpy as jnp
-
-    from lsw_jax.adapters.lora import attach_adapter, iter_linears
-
     adapter_cfg, tensors = read_peft_adapter(folder, model.cfg.num_layers)
     ranks = {k: v[0].shape[0] for k, v in tensors.items()}
     scales = {k: v[2] for k, v in tensors.items()}
@@ -136,10 +134,6 @@ def load_peft_adapter(model: Any, folder: str | Path) -> Any:
 
 def export_peft_adapter(model: Any, folder: str | Path, *, base_model: str = "") -> Path:
     """Write a plain-LoRA adapter of ``model`` in PEFT's format (PEFT loads it as is)."""
-    from safetensors.numpy import save_file
-
-    from lsw_jax.adapters.lora import iter_linears
-
     cfg: AdapterConfig | None = getattr(model, "adapter_config", None)
     if cfg is None or cfg.kind != "lora":
         raise ValueError("export_peft_adapter needs a model with a plain LoRA adapter attached")
@@ -190,10 +184,6 @@ def seed_switch_bank_from_peft(model: Any, folders: list[str | Path], cfg: Adapt
     Ranks are padded to the largest with zero rows/columns (exact), and each adapter's own
     scaling is folded into its B so the bank's single scale reproduces it.
     """
-    import jax.numpy as jnp
-
-    from lsw_jax.adapters.lora import attach_adapter, iter_linears
-
     if len(folders) != cfg.num_experts:
         raise ValueError(f"{len(folders)} PEFT adapters given for num_experts={cfg.num_experts}")
     loaded = [read_peft_adapter(f, model.cfg.num_layers)[1] for f in folders]

@@ -17,7 +17,6 @@ Extensions beyond OpenAI's fields: ``top_k``, ``stop_token_ids``, ``ignore_eos``
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -26,6 +25,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from lsw_jax.loading import load_model, load_tokenizer
+from lsw_jax.serve.adapter_pool import AdapterPool, read_adapter
 from lsw_jax.serve.engine import Engine, Request, SamplingParams
 
 MAX_BODY_BYTES = 4 << 20
@@ -59,8 +62,6 @@ def _error_response(e: ApiError):
 
 class Metrics:
     def __init__(self, engine: Engine):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         self.engine = engine
         self.registry = r = CollectorRegistry()
         self.requests = Counter("lsw_requests", "Finished requests", ["reason"], registry=r)
@@ -99,8 +100,6 @@ class Metrics:
             self.latency.observe(req.finished_at - req.arrival)
 
     def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
         eng = self.engine
         self.running.set(eng.num_running)
         self.waiting.set(eng.num_waiting)
@@ -535,7 +534,7 @@ class _Call:
         )
 
 
-# ---------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------- building and running
 
 
 def build_server(
@@ -561,13 +560,9 @@ def build_server(
     grown to the largest registered adapter; ``pool_max_experts`` / ``pool_top_k`` bound
     what it accepts (adapters given here raise them as needed).
     """
-    from lsw_jax.checkpoint import load_model
-    from lsw_jax.serve.adapter_pool import AdapterPool, read_adapter
-    from lsw_jax.tokenizer import Tokenizer
-
     ckpt = Path(ckpt)
     model = load_model(ckpt, dtype=dtype)
-    tok = Tokenizer.from_hf_dir(ckpt) if (ckpt / "tokenizer.json").exists() else None
+    tok = load_tokenizer(ckpt)
     pool = None
     if adapters:
         hosts = [read_adapter(model.cfg, name, src, ckpt) for name, src in adapters.items()]
@@ -597,55 +592,8 @@ def build_server(
     return Server(engine, tokenizer=tok, model_id=model_id or ckpt.name, api_key=api_key)
 
 
-def _parse_adapters(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, src = item.partition("=")
-        if not sep or not name or not src:
-            raise ValueError(f"--adapters {item!r}: expected NAME=PEFT_DIR_OR_STORED_ADAPTER")
-        out[name] = src
-    return out
+def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve ``server.app`` with uvicorn until interrupted."""
+    import uvicorn  # optional at import time: hosts that only generate need not have it
 
-
-def _cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    server = build_server(
-        args.ckpt,
-        adapters=_parse_adapters(args.adapters),
-        slots=args.slots,
-        max_len=args.max_len,
-        pool_slots=args.pool_slots,
-        pool_rank=args.pool_rank,
-        pool_max_experts=args.pool_max_experts,
-        pool_top_k=args.pool_top_k,
-        policy=args.policy,
-        api_key=args.api_key,
-        dtype=args.dtype,
-        model_id=args.served_model_name,
-    )
-    uvicorn.run(server.app, host=args.host, port=args.port, log_level="info")
-
-
-def register_cli(sub: Any) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (dLoRA multi-adapter)")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=PATH_OR_STORED")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--slots", type=int, default=8, help="concurrent requests (batch rows)")
-    p.add_argument("--max-len", type=int, default=None, help="tokens per request (prompt + output)")
-    p.add_argument(
-        "--pool-slots",
-        type=int,
-        default=8,
-        help="expert slots resident on the device (a plain LoRA takes 1, an E-expert bank E)",
-    )
-    p.add_argument("--pool-rank", type=int, default=16, help="largest LoRA rank the pool holds")
-    p.add_argument("--pool-max-experts", type=int, default=8, help="largest expert bank")
-    p.add_argument("--pool-top-k", type=int, default=2, help="largest router top-k")
-    p.add_argument("--policy", default="adaptive", choices=["adaptive", "merged", "unmerged"])
-    p.add_argument("--served-model-name", default=None, help="model id of the base model")
-    p.add_argument("--dtype", default=None)
-    p.set_defaults(func=_cmd_serve)
+    uvicorn.run(server.app, host=host, port=port, log_level="info")

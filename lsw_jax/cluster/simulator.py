@@ -1,7 +1,7 @@
 """Discrete-event simulator of a multi-replica LoRA serving cluster.
 
 It asks one question: how much does dLoRA's periodic request-adapter co-migration
-(:mod:`lsw_jax.serve.placement`) cut tail latency under skewed, drifting adapter popularity,
+(:mod:`lsw_jax.cluster.placement`) cut tail latency under skewed, drifting adapter popularity,
 compared with a static adapter-to-replica assignment?
 
 Model (one replica = one model copy with its own adapter memory and continuous batching):
@@ -23,7 +23,7 @@ Model (one replica = one model copy with its own adapter memory and continuous b
 * Policies: ``none`` sends each request to its adapter's home replica and never migrates;
   ``greedy`` / ``exact`` dispatch each request to the least loaded replica holding its adapter
   and, every ``period`` seconds, solve the co-migration problem on the queued requests
-  (:func:`~lsw_jax.serve.placement.solve_greedy` or ``solve_exact``) and apply the plan:
+  (:func:`~lsw_jax.cluster.placement.solve_greedy` or ``solve_exact``) and apply the plan:
   evictions, adapter copies (loads), then queued-request moves. Running requests never move.
   Planner wall time is not charged to simulated time (it is reported).
 
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from lsw_jax.serve import placement
+from lsw_jax.cluster import placement
 
 __all__ = [
     "ClusterConfig",
