@@ -54,3 +54,42 @@ def abstract_gpu(device_kind: str = "NVIDIA H100"):
         return contextlib.nullcontext()
     dev = sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="cuda")
     return sharding.use_abstract_mesh(sharding.AbstractMesh((), (), abstract_device=dev))
+
+
+# ----------------------------------------------------------------------------- unmerged op
+
+
+def check_unmerged_args(x, w, a, b, e, g, bias) -> None:
+    """Shapes of `lora_unmerged`'s arguments (x [N, in], w [out, in], a [E, r, in],
+    b [E, out, r], e / g [N, k], bias [out]); a ValueError naming the mismatch."""
+    if x.ndim != 2 or w.ndim != 2 or a.ndim != 3 or b.ndim != 3:
+        raise ValueError(
+            f"{x.shape=} must be [N, in], {w.shape=} [out, in], "
+            f"{a.shape=} [E, r, in], {b.shape=} [E, out, r]"
+        )
+    (n, d_in), (out, d_in_w) = x.shape, w.shape
+    if d_in_w != d_in or a.shape[2] != d_in:
+        raise ValueError(f"{x.shape=}, {w.shape=}, {a.shape=} disagree on in")
+    if b.shape != (a.shape[0], out, a.shape[1]):
+        raise ValueError(f"{b.shape=} must be [E, out, r] with {w.shape=}, {a.shape=}")
+    if e.ndim != 2 or e.shape[0] != n or g.shape != e.shape:
+        raise ValueError(f"{e.shape=} and {g.shape=} must both be [N, k] with {x.shape=}")
+    if not jnp.issubdtype(e.dtype, jnp.integer):
+        raise ValueError(f"{e.dtype=} must be an integer type")
+    if bias is not None and bias.shape != (out,):
+        raise ValueError(f"{bias.shape=} must be [out] with {w.shape=}")
+
+
+def lora_shrink(x: jax.Array, a: jax.Array, e: jax.Array, g: jax.Array) -> jax.Array:
+    """u[b, j] = g[b, j] * x[b] @ A[e[b, j]].T  -> [N, k, r] fp32.
+
+    x [N, in]; a [E, r, in]; e [N, k] int32; g [N, k]. Gathers the selected A when the rows
+    pick few experts (N*k <= E), else one dense product with every expert, then a gather.
+    """
+    n, k = e.shape
+    if n * k <= a.shape[0]:
+        xa = jnp.einsum("bi,bjri->bjr", x, a[e], preferred_element_type=jnp.float32)
+    else:
+        xa_all = jnp.einsum("bi,eri->ber", x, a, preferred_element_type=jnp.float32)
+        xa = jnp.take_along_axis(xa_all, e[:, :, None], axis=1)  # [N, k, r]
+    return xa * g.astype(jnp.float32)[:, :, None]

@@ -20,10 +20,9 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import tuning
+from pallas_kernels import lora_unmerged_mosaic, tuning
 from pallas_kernels.common import on_gpu
 
 IMPLS = ("auto", "pallas", "mosaic", "reference")
@@ -87,10 +86,6 @@ def _table_pick(table_impl: str | None) -> str:
 
 def mosaic_available() -> bool:
     """Whether this jax can run the Mosaic GPU unmerged kernel (see lora_unmerged_mosaic)."""
-    try:
-        from pallas_kernels import lora_unmerged_mosaic  # needs the jax >= 0.11 Mosaic GPU API
-    except ImportError:
-        return False
     return lora_unmerged_mosaic.AVAILABLE
 
 
@@ -131,13 +126,12 @@ def pick_unmerged(
 ) -> Choice:
     """Choice for `lora_unmerged` with x [n, d_in], W [out, d_in], rank `rank`; impl and
     interpret as `resolve_impl` returns them ("auto" only on a GPU: the table decides)."""
-    del rank  # the expand's cost is small next to W's; kept for table keys to come
     check_impl(impl)
     entry = unmerged_entry(n, out, d_in)
     if impl == "auto":
         impl = _table_pick(entry["impl"] if entry else None)
-    if jnp.dtype(dtype) == jnp.float32 and impl == "mosaic":
-        impl = "pallas"  # the Mosaic kernel is bf16/fp16 only (wgmma on fp32 is TF32)
+        if impl == "mosaic" and not lora_unmerged_mosaic.supports(n, out, d_in, rank, dtype):
+            impl = "pallas"  # a measured pick outside the Mosaic kernel's limits (fp32, dims)
     if impl == "reference":
         return Choice(impl, interpret, {}, entry["source"] if entry else "no measurement")
     key = "mosaic_blocks" if impl == "mosaic" else "blocks"
@@ -148,9 +142,17 @@ def pick_unmerged(
 
 
 def mosaic_blocks(n: int, out: int, d_in: int) -> dict:
-    """Blocks of the Mosaic GPU unmerged kernel (unmeasured): 64 W rows per program."""
-    del n, out
-    return dict(block_out=64, block_k=128 if d_in % 128 == 0 else 64, max_concurrent_steps=4)
+    """Blocks of the Mosaic GPU unmerged kernel (unmeasured): 64 W rows per program, split-K
+    up to >= 2 programs per SM while each split keeps >= 8 pipeline steps of 64."""
+    del n
+    split = 1
+    while (
+        (out // 64) * split < 2 * NUM_SMS
+        and d_in % (64 * split * 2) == 0
+        and d_in // (64 * split * 2) >= 8
+    ):
+        split *= 2
+    return dict(block_k=64, split_k=split, max_concurrent_steps=4)
 
 
 # ----------------------------------------------------------------------------- switch

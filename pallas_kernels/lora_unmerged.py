@@ -40,9 +40,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import dispatch
-from pallas_kernels.common import block_size, check_dtype
+from pallas_kernels import dispatch, lora_unmerged_mosaic
+from pallas_kernels.common import block_size, check_dtype, check_unmerged_args, lora_shrink
 from pallas_kernels.dispatch import resolve_impl
+
+__all__ = ["lora_shrink", "lora_unmerged", "lora_unmerged_pallas", "lora_unmerged_reference"]
 
 _NO_EXPERT = -1  # expert id of rows past N inside a block; never a real id
 
@@ -123,40 +125,6 @@ def _fused_kernel(
 # ----------------------------------------------------------------------------- wrapper
 
 
-def _check(x, w, a, b, e, g, bias):
-    if x.ndim != 2 or w.ndim != 2 or a.ndim != 3 or b.ndim != 3:
-        raise ValueError(
-            f"{x.shape=} must be [N, in], {w.shape=} [out, in], "
-            f"{a.shape=} [E, r, in], {b.shape=} [E, out, r]"
-        )
-    (n, d_in), (out, d_in_w) = x.shape, w.shape
-    if d_in_w != d_in or a.shape[2] != d_in:
-        raise ValueError(f"{x.shape=}, {w.shape=}, {a.shape=} disagree on in")
-    if b.shape != (a.shape[0], out, a.shape[1]):
-        raise ValueError(f"{b.shape=} must be [E, out, r] with {w.shape=}, {a.shape=}")
-    if e.ndim != 2 or e.shape[0] != n or g.shape != e.shape:
-        raise ValueError(f"{e.shape=} and {g.shape=} must both be [N, k] with {x.shape=}")
-    if not jnp.issubdtype(e.dtype, jnp.integer):
-        raise ValueError(f"{e.dtype=} must be an integer type")
-    if bias is not None and bias.shape != (out,):
-        raise ValueError(f"{bias.shape=} must be [out] with {w.shape=}")
-
-
-def lora_shrink(x: jax.Array, a: jax.Array, e: jax.Array, g: jax.Array) -> jax.Array:
-    """u[b, j] = g[b, j] * x[b] @ A[e[b, j]].T  -> [N, k, r] fp32.
-
-    x [N, in]; a [E, r, in]; e [N, k] int32; g [N, k]. Gathers the selected A when the rows
-    pick few experts (N*k <= E), else one dense product with every expert, then a gather.
-    """
-    n, k = e.shape
-    if n * k <= a.shape[0]:
-        xa = jnp.einsum("bi,bjri->bjr", x, a[e], preferred_element_type=jnp.float32)
-    else:
-        xa_all = jnp.einsum("bi,eri->ber", x, a, preferred_element_type=jnp.float32)
-        xa = jnp.take_along_axis(xa_all, e[:, :, None], axis=1)  # [N, k, r]
-    return xa * g.astype(jnp.float32)[:, :, None]
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -195,7 +163,7 @@ def lora_unmerged_pallas(
       along `in` (each sums its share of the K blocks; >1 adds one XLA reduction).
     Returns: y [N, out] in x's dtype (fp32 accumulation).
     """
-    _check(x, w, a, b, e, g, bias)
+    check_unmerged_args(x, w, a, b, e, g, bias)
     for name, t in (("x", x), ("w", w), ("a", a), ("b", b)):
         check_dtype(name, t.dtype)
     if split_k < 1:
@@ -272,7 +240,7 @@ def lora_unmerged_reference(
     expert's B by a dense [N, E] gate matrix (no per-row copies of B). u = g * x @ A.T is
     rounded to B's dtype before the expand, as in the kernel; everything accumulates in fp32.
     """
-    _check(x, w, a, b, e, g, bias)
+    check_unmerged_args(x, w, a, b, e, g, bias)
     n, k = e.shape
     n_exp = a.shape[0]
     y = lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -327,7 +295,7 @@ def lora_unmerged(
     Returns: y [N, out] in x's dtype. Differentiable: the kernels' backward is the vjp
       of the reference (training itself uses the model's dense jnp plan).
     """
-    _check(x, w, a, b, e, g, bias)
+    check_unmerged_args(x, w, a, b, e, g, bias)
     (n, d_in), out = x.shape, w.shape[0]
     impl, interpret = resolve_impl(dispatch.overridden("unmerged", impl), interpret)
     choice = dispatch.pick_unmerged(
@@ -337,8 +305,6 @@ def lora_unmerged(
         return lora_unmerged_reference(x, w, a, b, e, g, bias)
     blocks = {**choice.blocks, **(block_sizes or {})}
     if choice.impl == "mosaic":
-        from pallas_kernels import lora_unmerged_mosaic  # jax >= 0.11 API; imported on use
-
         fwd = functools.partial(
             lora_unmerged_mosaic.lora_unmerged_mosaic, interpret=choice.interpret, **blocks
         )

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels import bench, dispatch  # noqa: E402
+from pallas_kernels import bench, dispatch, lora_unmerged_mosaic  # noqa: E402
 from pallas_kernels import switch_merge as sm  # noqa: E402
 
 E, R, K = 8, 16, 2
@@ -126,11 +126,7 @@ def stage_env(run: Run) -> None:
         matmul_precision=str(jax.config.jax_default_matmul_precision),
     )
     mosaic = run.guarded("mosaic", dispatch.mosaic_available)
-    try:
-        from pallas_kernels.lora_unmerged_mosaic import WHY as why
-    except ImportError as err:
-        why = str(err)
-    run.emit(part="mosaic", available=bool(mosaic), why=why)
+    run.emit(part="mosaic", available=bool(mosaic), why=lora_unmerged_mosaic.WHY)
     t = time.time()
     if run.guarded("import_lsw_jax", importlib.import_module, "lsw_jax") is not None:
         run.emit(part="import_lsw_jax", ok=True, s=round(time.time() - t, 2))

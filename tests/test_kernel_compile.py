@@ -5,6 +5,9 @@ Two levels:
     dispatch calls it (both dtypes, decode and prefill row counts, odd shapes) and the result
     must hold the Triton custom call, not an XLA fallback. From jax 0.11 the lowering needs a
     target GPU: `pallas_kernels.common.abstract_gpu` names one (public `jax.sharding` API).
+  * Mosaic GPU (jax >= 0.11): the same export runs the Mosaic GPU lowering of the unmerged
+    kernel at the model's shapes (TMA pipelines, wgmma layouts); the PTX compile happens on
+    a GPU only. Skipped, with the reason, on a jax without that API.
   * compile (slow): the Triton IR of each kernel configuration at the SmolLM2-135M and
     Llama-2-7B shapes (fused q|k|v and gate|up, batch 1 / 16 / 256, bf16 and fp32, with the
     block sizes the dispatch picks) is compiled for sm_90 by the `triton` package (its ptxas
@@ -25,6 +28,7 @@ import pytest
 
 from pallas_kernels import dispatch
 from pallas_kernels import lora_unmerged as lu
+from pallas_kernels import lora_unmerged_mosaic as lm
 from pallas_kernels import switch_merge as sm
 from pallas_kernels.common import abstract_gpu
 
@@ -52,15 +56,15 @@ MODELS = {
 LAYERS = {"smollm2": 30, "llama7b": 32}
 
 
-def export_cuda(fn, *shapes) -> str:
+def export_cuda(fn, *shapes, call: str = TRITON_CALL) -> str:
     with abstract_gpu():
         exported = jax.export.export(
             jax.jit(fn),
             platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(call)],
         )(*shapes)
     text = exported.mlir_module()
-    assert TRITON_CALL in text  # the Pallas kernel, not an XLA fallback, was lowered
+    assert f"@{call}(" in text  # the kernel, not an XLA fallback, was lowered
     return text
 
 
@@ -129,6 +133,19 @@ def test_lora_unmerged_exports(dtype, n, n_exp, rank, out, d_in, k, bias, split_
         lu.lora_unmerged, impl="pallas", interpret=False, block_sizes=dict(split_k=split_k)
     )
     export_cuda(fn, *shapes)
+
+
+@pytest.mark.skipif(not lm.AVAILABLE, reason=lm.WHY)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("n", [1, 16])
+def test_mosaic_unmerged_exports(model, n):
+    """Every fused linear of the model, with the blocks the dispatch gives impl="mosaic"."""
+    for out, d_in, rank in MODELS[model].values():
+        choice = dispatch.pick_unmerged(
+            "mosaic", False, n=n, out=out, d_in=d_in, rank=rank, dtype=jnp.bfloat16
+        )
+        fn = functools.partial(lm.lora_unmerged_mosaic, **choice.blocks)
+        export_cuda(fn, *unmerged_shapes(n, out, d_in, rank, jnp.bfloat16), call="mosaic_gpu_v2")
 
 
 # ----------------------------------------------------------------------------- compile

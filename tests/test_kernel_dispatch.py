@@ -74,9 +74,11 @@ def test_gpu_auto_follows_the_table_and_falls_back_to_xla():
         "pallas", False, n=300, out=12288, d_in=4096, rank=48, dtype=jnp.bfloat16
     )
     assert c.source.startswith("heuristic") and c.blocks["block_rows"] == 64
-    # no Mosaic kernel for fp32 (wgmma would run TF32)
-    c = dispatch.pick_unmerged("mosaic", False, n=1, out=64, d_in=64, rank=4, dtype=jnp.float32)
-    assert c.impl == "pallas"
+    # Mosaic GPU kernel blocks: split-K until >= 2 programs per SM (64 W rows a program)
+    c = dispatch.pick_unmerged(
+        "mosaic", False, n=1, out=4096, d_in=11008, rank=16, dtype=jnp.bfloat16
+    )
+    assert c.impl == "mosaic" and c.blocks["split_k"] == 4 and 11008 % (64 * 4) == 0
 
 
 @pytest.mark.parametrize("shape", LLAMA7B, ids=lambda s: s.name)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import lora_unmerged as lu
+from pallas_kernels import lora_unmerged_mosaic as lm
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -158,6 +159,65 @@ class TestLoraUnmergedGPU(_LoraUnmergedCases):
 
 class TestLoraUnmergedInterpret(_LoraUnmergedCases):
     INTERPRET = True
+
+
+# Mosaic GPU kernel (jax >= 0.11), inside its limits: in % (64 * split_k), out % 64, r % 16
+# (N, E, r, out, in, k, routing, bias, split_k)
+MOSAIC_CASES = [
+    (1, 4, 16, 128, 256, 2, "distinct", True, 1),
+    (16, 8, 48, 192, 256, 2, "zipf", False, 2),
+    (5, 2, 32, 64, 128, 1, "same", True, 1),
+]
+
+
+class _MosaicCases:
+    """The Mosaic GPU kernel against the same reference and float64 oracle (bf16 / fp16)."""
+
+    INTERPRET: bool
+
+    def run(self, *args, **kw):
+        return lu.lora_unmerged(*args, impl="mosaic", interpret=self.INTERPRET, **kw)
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+    @pytest.mark.parametrize("case", MOSAIC_CASES)
+    def test_matches_reference_and_f64(self, case, dtype):
+        *problem, split_k = case
+        args = make_problem(12, *problem, dtype)
+        got = self.run(*args, block_sizes=dict(split_k=split_k))
+        assert got.dtype == dtype and got.shape == (case[0], case[3])
+        assert rel_err(got, lu.lora_unmerged_reference(*args)) < 1e-2
+        assert rel_err(got, unmerged_f64(*args)) < 1e-2
+        no_lora = unmerged_f64(*args[:5], args[5] * 0, args[6])
+        assert rel_err(no_lora, unmerged_f64(*args)) > 10 * 1e-2  # the LoRA term matters
+
+    def test_limits_are_clear_errors(self):
+        args = make_problem(13, 2, 4, 16, 64, 72, 2, "same", False, jnp.bfloat16)
+        with pytest.raises(ValueError, match="in %"):
+            self.run(*args)
+        args = make_problem(13, 2, 4, 16, 64, 128, 2, "same", False, jnp.float32)
+        with pytest.raises(ValueError, match="bf16 or fp16"):
+            self.run(*args)
+
+
+@pytest.mark.gpu
+class TestLoraUnmergedMosaicGPU(_MosaicCases):
+    INTERPRET = False
+
+    @pytest.fixture(autouse=True)
+    def _on_gpu(self):
+        if jax.default_backend() != "gpu":
+            pytest.skip("needs a GPU: JAX_PLATFORMS=cuda pytest -m gpu")
+        if not lm.AVAILABLE:
+            pytest.skip(lm.WHY)
+
+
+class TestLoraUnmergedMosaicInterpret(_MosaicCases):
+    INTERPRET = True
+
+    @pytest.fixture(autouse=True)
+    def _has_mosaic(self):
+        if not lm.AVAILABLE:
+            pytest.skip(lm.WHY)
 
 
 def test_shrink_paths_agree():
