@@ -180,6 +180,10 @@ def render_md(data: dict, rows: list[dict], *, command: str, notes: list[str]) -
         "",
         f"Date {data['date']}, jax {data['jax']}, generated from `docs/figures/gpu_check.json` "
         f"by `python3 scripts/gpu_check.py report`. Command: `{command}`.",
+        "Rerun on a GPU: `OUT=/tmp/gpu BUDGET=480 bash scripts/gpu_check.sh`, then "
+        "`python3 scripts/gpu_check.py report --out /tmp/gpu --docs` here (and copy "
+        "`/tmp/gpu/tuning.py` to `pallas_kernels/tuning.py` after review). The PyTorch peers "
+        "on a GPU are not part of this check: `scripts/bench_decode.py --model llama7b`.",
         f"Device copy bandwidth {data['copy_gbs']} GB/s (`x + 1` over 2 GiB, read + write "
         "counted). Compiled GPU kernel tests (`pytest -m gpu`, fp32 at HIGHEST precision): "
         f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped.",
@@ -394,7 +398,11 @@ def main(args) -> None:
     if args.legacy_run1:
         rows = legacy_run1(rows)
     data = build(rows, args.tests, args.date)
-    command = args.command or "OUT=<dir> BUDGET=<s> bash scripts/gpu_check.sh"
+    command = args.command or (
+        "bash ../shared/gpu/gpu_check.sh (the first, shared GPU script)"
+        if args.legacy_run1
+        else "OUT=<dir> BUDGET=<s> bash scripts/gpu_check.sh"
+    )
     notes = RUN1_NOTES if args.legacy_run1 else []
     section = render_md(data, rows, command=command, notes=notes)
     (args.out / "gpu_check.json").write_text(json.dumps(data, indent=1) + "\n")
