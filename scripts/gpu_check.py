@@ -8,12 +8,13 @@ line per result to DIR/results.jsonl as it finishes, so a stage cut short keeps 
   env       versions, device, imports of the GPU path, device copy and read bandwidth
   kernels   Llama-2-7B linears (fused q|k|v, o, fused gate|up, down; bf16; 8 experts of rank
             16, top-2): kernel correctness vs XLA and an fp32 oracle; time per call of XLA's
-            bare x @ W.T, XLA's reference and the Pallas kernel at N = 1 with a short block
-            sweep (8 layers of distinct weights: HBM, not L2); the switch kernel over 32
-            layers with a short tile sweep; N = 16 with the best blocks
-  tests     the compiled GPU test classes (pytest -m gpu), pass/fail/skip counts
+            bare x @ W.T, XLA's reference, the Mosaic GPU kernel (jax >= 0.11) and the Pallas
+            kernel with the dispatch's blocks, at N = 1 and 16 (8 layers of distinct weights:
+            HBM, not L2); the switch kernel over 32 layers
   decode1   7B-shape decode, random bf16 weights, batch 1: base, LoRA-Switch unmerged with
-            impl=pallas and impl=reference (the kernel-vs-XLA choice), merged
+            impl=pallas and impl=reference (the kernel-vs-XLA choice), merged, (mosaic)
+  sweep     short block sweeps: unmerged at N = 1 per linear, switch tiles per group
+  tests     the compiled GPU test classes (pytest -m gpu), pass/fail/skip counts
   decode16  batch 16: unmerged pallas / reference, base
   report    gpu_check.json, the GPU section of docs/benchmarks.md, an updated
             pallas_kernels/tuning.py and a summary, from results.jsonl
@@ -169,67 +170,87 @@ def emit_linear(run, shape, n, impl, sec, compile_s, nbytes, copy, blocks, **ext
     )
 
 
-def time_linear(run: Run, shape, n: int, copy: float, end: float, pallas_blocks=None) -> dict:
-    """XLA's bare x @ W.T, XLA's reference, then the Pallas kernel: a block sweep (the
-    dispatch's pick first) until `end`, or just `pallas_blocks`. Returns the best blocks."""
+def time_linear(run: Run, shape, n: int, copy: float, end: float, sweep: bool = False) -> None:
+    """Kernel stage: XLA's bare x @ W.T, XLA's reference, the Mosaic kernel (jax >= 0.11) and
+    the Pallas kernel with the dispatch's blocks. Sweep stage (`sweep`): the other block
+    candidates of `bench.unmerged_candidates` until `end`."""
     layers, rounds = run.chain
     problem = bench.make_unmerged(shape, n, layers=layers, rounds=rounds, n_exp=E, k=K, dtype=DT)
     nbytes = bench.unmerged_bytes(shape, n, len(set(problem[4].ravel().tolist())))
     iters = 2 if run.smoke else 5
-    for impl in [i for i in unmerged_impls() if i != "pallas"]:
-        blocks = dispatch.mosaic_blocks(n, shape.out, shape.d_in) if impl == "mosaic" else None
-        sec, cs = bench.time_unmerged(bench.unmerged_op(impl, blocks), problem, iters=iters)
-        emit_linear(run, shape, n, impl, sec, cs, nbytes, copy, blocks, layers=layers)
-    cands = [pallas_blocks] if pallas_blocks else bench.unmerged_candidates(shape, n)
-    cands = cands[: 2 if run.smoke else None]
+    cands = bench.unmerged_candidates(shape, n)
+    if sweep:
+        cands = cands[1 : 2 if run.smoke else None]
+    else:
+        for impl in [i for i in unmerged_impls() if i != "pallas"]:
+            blocks = dispatch.mosaic_blocks(n, shape.out, shape.d_in) if impl == "mosaic" else None
+            try:
+                sec, cs = bench.time_unmerged(bench.unmerged_op(impl, blocks), problem, iters=iters)
+            except Exception as err:  # e.g. a Mosaic kernel this GPU stack rejects: go on
+                run.emit(
+                    part="unmerged",
+                    shape=shape.key,
+                    n=n,
+                    impl=impl,
+                    error=f"{type(err).__name__}: {str(err)[:500]}",
+                )
+                continue
+            emit_linear(run, shape, n, impl, sec, cs, nbytes, copy, blocks, layers=layers)
+        cands = cands[:1]
 
     def measure(blocks):
         return bench.time_unmerged(bench.unmerged_op("pallas", blocks), problem, iters=iters)
 
-    best = (float("inf"), cands[0])
-    for i, (blocks, res) in enumerate(bench.sweep(cands, measure, end)):
+    for blocks, res in bench.sweep(cands, measure, end):
         row = dict(part="tune_unmerged", shape=shape.key, out=shape.out, d_in=shape.d_in, n=n)
         if isinstance(res, str):
             run.emit(**row, blocks=blocks, error=res)
             continue
         sec, cs = res
-        frac = round(nbytes / sec / 1e9 / copy, 3)
-        run.emit(**row, blocks=blocks, us=round(sec * 1e6, 2), frac_of_copy=frac)
-        if i == 0:  # the dispatch's current pick: the kernel's row in the report
+        run.emit(
+            **row,
+            blocks=blocks,
+            us=round(sec * 1e6, 2),
+            frac_of_copy=round(nbytes / sec / 1e9 / copy, 3),
+        )
+        if not sweep:  # the dispatch's current pick: the kernel's row in the report
             emit_linear(run, shape, n, "pallas", sec, cs, nbytes, copy, blocks, layers=layers)
-        best = min(best, (sec, blocks), key=lambda t: t[0])
-    return best[1]
 
 
-def time_switch(run: Run, shape, copy: float, end: float) -> None:
-    """Correctness on 2 layers, then the tile sweep (the dispatch's pick first) until `end`."""
-    w, a, b = bench.make_bank(shape, 2, E, DT)
-    e_old, g_old = jnp.array([1, 4], jnp.int32), jnp.array([0.3, 0.7], jnp.float32)
-    e_new, g_new = jnp.array([4, 6], jnp.int32), jnp.array([0.5, 0.5], jnp.float32)
-    got = sm.switch_merge(w, a, b, e_old, g_old, e_new, g_new, impl="pallas")
-    ref = sm.switch_merge(w, a, b, e_old, g_old, e_new, g_new, impl="reference")
-    err, delta = bench.rel_err(got, ref), bench.rel_err(w, ref)
-    run.emit(
-        part="correct",
-        kernel="switch",
-        impl="pallas",
-        shape=shape.key,
-        layers=2,
-        rel_vs_ref=err,
-        delta_vs_w=delta,
-        ok=bool(err < 1e-2 and delta > 10 * err),
-    )
-    del w, a, b, got, ref
-    layers, iters = run.layers, 2 if run.smoke else 5
+def time_switch(run: Run, shape, copy: float, end: float, sweep: bool = False) -> None:
+    """Kernel stage: correctness on 2 layers and the dispatch's tiles over all layers.
+    Sweep stage: the other tile candidates of `bench.switch_candidates` until `end`."""
+    if not sweep:
+        w, a, b = bench.make_bank(shape, 2, E, DT)
+        e_old, g_old = jnp.array([1, 4], jnp.int32), jnp.array([0.3, 0.7], jnp.float32)
+        e_new, g_new = jnp.array([4, 6], jnp.int32), jnp.array([0.5, 0.5], jnp.float32)
+        got = sm.switch_merge(w, a, b, e_old, g_old, e_new, g_new, impl="pallas")
+        ref = sm.switch_merge(w, a, b, e_old, g_old, e_new, g_new, impl="reference")
+        err, delta = bench.rel_err(got, ref), bench.rel_err(w, ref)
+        run.emit(
+            part="correct",
+            kernel="switch",
+            impl="pallas",
+            shape=shape.key,
+            layers=2,
+            rel_vs_ref=err,
+            delta_vs_w=delta,
+            ok=bool(err < 1e-2 and delta > 10 * err),
+        )
+        del w, a, b, got, ref
+    # all layers in the kernel stage; 8 in the sweep (still 4x the L2 at 7B, 4x faster)
+    layers = run.layers if not sweep or run.smoke else 8
+    iters = 2 if run.smoke else 5
     nbytes = bench.switch_bytes(shape, layers, K)
-    cands = bench.switch_candidates(shape)[: 1 if run.smoke else None]
+    cands = bench.switch_candidates(shape)
+    cands = cands[1 : 2 if run.smoke else None] if sweep else cands[:1]
 
     def measure(blocks):
         return bench.time_switch(
             shape, layers=layers, n_exp=E, k=K, dtype=DT, blocks=blocks, iters=iters
         )
 
-    for i, (blocks, res) in enumerate(bench.sweep(cands, measure, end)):
+    for blocks, res in bench.sweep(cands, measure, end):
         row = dict(
             part="tune_switch",
             shape=shape.key,
@@ -244,7 +265,7 @@ def time_switch(run: Run, shape, copy: float, end: float) -> None:
         sec, cs = res
         gbs = nbytes / sec / 1e9
         run.emit(**row, ms=round(sec * 1e3, 4), frac_of_copy=round(gbs / copy, 3))
-        if i == 0:  # the dispatch's current pick: the kernel's row in the report
+        if not sweep:
             run.emit(
                 part="switch",
                 shape=shape.key,
@@ -262,14 +283,15 @@ def time_switch(run: Run, shape, copy: float, end: float) -> None:
 
 
 def stage_kernels(run: Run) -> None:
-    """Correctness; then per shape the kernel vs XLA at N = 1 with the block sweep, the switch
-    with its tile sweep, and N = 16 with the best N = 1 blocks. The stage's time is shared
-    out so that a short budget still measures every shape once (sweeps stop early)."""
-    copy = copy_bandwidth(run)
+    """Per shape the dispatch's current choices, most needed first: correctness and kernel vs
+    XLA at N = 1, the switch, then correctness and timing at N = 16 (sweeps come later)."""
+    copy, inf = copy_bandwidth(run), float("inf")
     n1, n16 = run.ns
-    for shape in run.linears:  # a wrong kernel's speed means nothing
-        for n in run.ns[:1] if run.smoke else run.ns:
-            for impl in ["pallas"] + (["mosaic"] if dispatch.mosaic_available() else []):
+    mosaic = ["mosaic"] if dispatch.mosaic_available() else []
+
+    def correct(n: int, impls: list[str]) -> None:  # a wrong kernel's speed means nothing
+        for shape in run.linears:
+            for impl in impls:
                 res = run.guarded(
                     "correct", bench.check_unmerged, shape, n, impl, n_exp=E, k=K, dtype=DT
                 )
@@ -278,21 +300,31 @@ def stage_kernels(run: Run) -> None:
                         part="correct", kernel="unmerged", impl=impl, shape=shape.key, n=n, **res
                     )
 
-    def until(frac: float, parts_left: int) -> float:  # this part's share of what is left
-        if run.smoke:
-            return float("inf")
-        return time.time() + max(0.0, run.left() - 10) * frac / parts_left
-
-    best = {}
-    for i, shape in enumerate(run.linears):
-        best[shape] = run.guarded(
-            "unmerged", time_linear, run, shape, n1, copy, until(0.45, len(run.linears) - i)
-        )
-    for i, shape in enumerate(run.linears):
-        run.guarded("switch", time_switch, run, shape, copy, until(0.6, len(run.linears) - i))
+    correct(n1, ["pallas", *mosaic])
     for shape in run.linears:
-        blocks = {**best[shape], "block_rows": 16} if best.get(shape) else None
-        run.guarded("unmerged", time_linear, run, shape, n16, copy, float("inf"), blocks)
+        run.guarded("unmerged", time_linear, run, shape, n1, copy, inf)
+    for shape in run.linears:
+        run.guarded("switch", time_switch, run, shape, copy, inf)
+    if not run.smoke:
+        correct(n16, ["pallas"])
+    for shape in run.linears:
+        run.guarded("unmerged", time_linear, run, shape, n16, copy, inf)
+
+
+def stage_sweep(run: Run) -> None:
+    """Block sweeps at N = 1 per linear, then switch tiles per group; the stage's time is
+    shared out so that a short budget still sweeps every shape a little."""
+
+    copy, inf = copy_bandwidth(run), float("inf")
+
+    def until(parts_left: int) -> float:
+        return inf if run.smoke else time.time() + max(0.0, run.left() - 5) / parts_left
+
+    parts = [(time_linear, shape, run.ns[0]) for shape in run.linears]
+    parts += [(time_switch, shape, None) for shape in run.linears]
+    for i, (fn, shape, n) in enumerate(parts):
+        args = (run, shape, n, copy) if n is not None else (run, shape, copy)
+        run.guarded(fn.__name__, fn, *args, until(len(parts) - i), sweep=True)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -521,7 +553,9 @@ def stage_decode(run: Run, specs: list[tuple[str, int, str]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["env", "kernels", "tests", "decode1", "decode16", "report"])
+    ap.add_argument(
+        "stage", choices=["env", "kernels", "decode1", "sweep", "tests", "decode16", "report"]
+    )
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("SMOKE") == "1")
     ap.add_argument("--results", type=Path, help="report: results file (default OUT/results.jsonl)")
@@ -552,6 +586,7 @@ def main() -> None:
         "env": stage_env,
         "kernels": stage_kernels,
         "tests": stage_tests,
+        "sweep": stage_sweep,
         "decode1": lambda r: stage_decode(
             r,
             [
@@ -559,7 +594,8 @@ def main() -> None:
                 ("unmerged", 1, "pallas"),
                 ("unmerged", 1, "reference"),
                 ("merged", 1, "auto"),
-            ],
+            ]
+            + ([("unmerged", 1, "mosaic")] if dispatch.mosaic_available() else []),
         ),
         "decode16": lambda r: stage_decode(
             r,

@@ -3,17 +3,20 @@
 # Run from the repository root:   OUT=/some/dir BUDGET=480 bash scripts/gpu_check.sh
 # Env: OUT (results folder, default ./gpu_check_out), BUDGET (seconds for everything,
 #      default 480), PY (default python3), LAYERS (decode layers, default 32),
-#      SMOKE=1 (every stage on the CPU at tiny shapes, interpret mode: checks the script).
+#      SMOKE=1 (every stage on the CPU at tiny shapes, interpret mode: checks the script),
+#      STAGES (which stages, in order; default "env kernels decode1 sweep tests decode16").
 # Stages (scripts/gpu_check.py has the details), most valuable first, each under `timeout`
 # within what is left of BUDGET; a stage that fails or times out does not stop the rest, and
-# every result is appended to $OUT/results.jsonl as it finishes:
-#   env       versions, device, GPU-path imports, copy / read bandwidth      (~15 s)
-#   kernels   7B linears: correctness, kernel vs XLA + block sweep at N=1,
-#             switch + tile sweep, N=16                                     (~70-100 s)
-#   decode1   7B decode b1: base, unmerged impl=pallas / reference, merged  (~25 s a row)
-#   tests     compiled GPU test classes (pytest -m gpu)                     (~60 s)
-#   decode16  7B decode b16: unmerged pallas / reference, base              (~25 s a row)
-#   report    gpu_check.json, benchmarks_gpu.md, tuning.py, summary.md      (~5 s)
+# every result is appended to $OUT/results.jsonl as it finishes. Expected on an H100/H200:
+#   env       versions, device, GPU-path imports, copy / read bandwidth        ~15 s
+#   kernels   7B linears: correctness; kernel vs XLA at N=1; switch; N=16     ~60-90 s
+#   decode1   7B decode b1: base, unmerged pallas / reference, merged         ~25-30 s a row
+#   sweep     unmerged block sweep (N=1) and switch tile sweep, time-shared   cap 45 s
+#   tests     compiled GPU test classes (pytest -m gpu)                       ~60-90 s
+#   decode16  7B decode b16: unmerged pallas / reference, base                ~25-30 s a row
+#   report    gpu_check.json, benchmarks_gpu.md, tuning.py, summary.md        ~5 s
+# With BUDGET=270: env, kernels (N=16 may be cut), decode1 and the sweep; tests and decode16
+# only with more budget (or choose with STAGES="env kernels decode1 tests").
 # $OUT ends with at most 6 files: results.jsonl stages.log gpu_check.json benchmarks_gpu.md
 # tuning.py summary.md. Commit them with:  python3 scripts/gpu_check.py report --out DIR --docs
 set -u
@@ -55,11 +58,10 @@ stage() {
   echo "{\"stage\": \"$name\", \"part\": \"stage\", \"status\": \"$status\", \"rc\": $rc}" >> "$OUT/results.jsonl"
 }
 
-stage env 40
-stage kernels 100
-stage decode1 120
-stage tests 60
-stage decode16 90
+declare -A CAP=([env]=30 [kernels]=75 [decode1]=110 [sweep]=45 [tests]=90 [decode16]=90)
+for name in ${STAGES:-env kernels decode1 sweep tests decode16}; do
+  stage "$name" "${CAP[$name]}"
+done
 echo "== report ($((SECONDS - START))s in all)" | tee -a "$OUT/stages.log"
 timeout -k 5 "$REPORT_RESERVE" "$PY" scripts/gpu_check.py report --out "$OUT" 2>>"$OUT/stages.log" \
   || echo "report failed: rerun  python3 scripts/gpu_check.py report --out $OUT" | tee -a "$OUT/stages.log"

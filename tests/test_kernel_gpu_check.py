@@ -24,7 +24,9 @@ def test_smoke_runs_every_stage_and_reports(tmp_path):
     rows = _rows(tmp_path / "results.jsonl")
     assert [r for r in rows if "error" in r] == []
     stages = {r["stage"]: r["status"] for r in rows if r.get("part") == "stage"}
-    assert stages == dict.fromkeys(["env", "kernels", "decode1", "tests", "decode16"], "ok")
+    assert stages == dict.fromkeys(
+        ["env", "kernels", "decode1", "sweep", "tests", "decode16"], "ok"
+    )
     assert all(r["ok"] for r in rows if r.get("part") == "correct")
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(data) == KEYS and data["copy_gbs"] > 0
