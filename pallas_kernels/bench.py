@@ -249,19 +249,35 @@ def time_switch(
     return best, compile_s
 
 
-def switch_candidates(shape: LinearShape) -> list[dict]:
+def switch_candidates(shape: LinearShape, k: int = 2, dtype=jnp.bfloat16) -> list[dict]:
     """The dispatch's pick, the read-once loop at other tiles, and the first run's best
-    one-tile-per-program grid (steps=1)."""
-    current = dispatch.pick_switch("pallas", False, out=shape.out, d_in=shape.d_in).blocks
+    one-tile-per-program grid (steps=1); candidates whose pipeline would not fit in shared
+    memory at this rank are left out."""
+    itemsize, n_slots = jnp.dtype(dtype).itemsize, 2 * k
+    current = dispatch.pick_switch(
+        "pallas",
+        False,
+        out=shape.out,
+        d_in=shape.d_in,
+        rank=shape.rank,
+        n_slots=n_slots,
+        dtype=dtype,
+    ).blocks
     grid = [
         dict(block_out=32, block_in=256, steps=None, num_warps=4, num_stages=3),
+        dict(block_out=32, block_in=128, steps=None, num_warps=4, num_stages=3),
         dict(block_out=16, block_in=256, steps=None, num_warps=4, num_stages=3),
         dict(block_out=64, block_in=128, steps=None, num_warps=4, num_stages=3),
-        dict(block_out=64, block_in=256, steps=None, num_warps=8, num_stages=3),
+        dict(block_out=64, block_in=64, steps=None, num_warps=4, num_stages=4),
         dict(block_out=32, block_in=256, steps=4, num_warps=4, num_stages=3),
         dict(block_out=32, block_in=256, steps=1, num_warps=4, num_stages=2),
     ]
-    return [current] + [c for c in grid if c != current]
+    fits = [
+        c
+        for c in grid
+        if dispatch.switch_smem(c, shape.rank, n_slots, itemsize) <= dispatch.SMEM_BUDGET
+    ]
+    return [current] + [c for c in fits if c != current]
 
 
 def sweep(

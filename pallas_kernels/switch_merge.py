@@ -210,7 +210,15 @@ def merge_delta_reference(
 
 def _merge_delta(w, a, b, ids, coef, impl, interpret, block_sizes):
     impl, interpret = resolve_impl(dispatch.overridden("switch", impl), interpret)
-    choice = dispatch.pick_switch(impl, interpret, out=w.shape[1], d_in=w.shape[2])
+    choice = dispatch.pick_switch(
+        impl,
+        interpret,
+        out=w.shape[1],
+        d_in=w.shape[2],
+        rank=a.shape[2],
+        n_slots=ids.shape[0],
+        dtype=w.dtype,
+    )
     if choice.impl == "reference":
         return merge_delta_reference(w, a, b, ids, coef)
     blocks = {**choice.blocks, **(block_sizes or {})}

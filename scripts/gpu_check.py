@@ -380,8 +380,8 @@ def decode_config(smoke: bool, layers: int):
 
     from lsw_jax.config import ModelConfig
 
-    if smoke:
-        return ModelConfig.tiny()
+    if smoke:  # one layer: the smoke run checks the code path, not the numbers
+        return ModelConfig.tiny(num_layers=1)
     return dataclasses.replace(
         ModelConfig.tiny(),
         vocab_size=32000,

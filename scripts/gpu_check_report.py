@@ -180,9 +180,10 @@ def render_md(data: dict, rows: list[dict], *, command: str, notes: list[str]) -
         "",
         f"Date {data['date']}, jax {data['jax']}, generated from `docs/figures/gpu_check.json` "
         f"by `python3 scripts/gpu_check.py report`. Command: `{command}`.",
-        "Rerun on a GPU: `OUT=/tmp/gpu BUDGET=480 bash scripts/gpu_check.sh`, then "
-        "`python3 scripts/gpu_check.py report --out /tmp/gpu --docs` here (and copy "
-        "`/tmp/gpu/tuning.py` to `pallas_kernels/tuning.py` after review). The PyTorch peers "
+        "Rerun on a GPU: `OUT=/tmp/gpu BUDGET=480 bash scripts/gpu_check.sh`, then here "
+        "`python3 scripts/gpu_check.py report --results /tmp/gpu/results.jsonl --out "
+        "/tmp/gpu_report --docs` (and, after review, copy its `tuning.py` to "
+        "`pallas_kernels/tuning.py`). The PyTorch peers "
         "on a GPU are not part of this check: `scripts/bench_decode.py --model llama7b`.",
         f"Device copy bandwidth {data['copy_gbs']} GB/s (`x + 1` over 2 GiB, read + write "
         "counted). Compiled GPU kernel tests (`pytest -m gpu`, fp32 at HIGHEST precision): "

@@ -221,7 +221,9 @@ def test_unmerged_compiles_for_sm90(triton_compiler, tmp_path, model, linear):
 def test_switch_merge_compiles_for_sm90(triton_compiler, tmp_path, model, linear):
     out, d_in, rank = MODELS[model][linear]
     for dtype in DTYPES:
-        choice = dispatch.pick_switch("pallas", False, out=out, d_in=d_in)
+        choice = dispatch.pick_switch(
+            "pallas", False, out=out, d_in=d_in, rank=rank, n_slots=2 * K, dtype=dtype
+        )
         fn = functools.partial(sm.switch_merge, impl="pallas", interpret=False)
         shapes = switch_shapes(LAYERS[model], out, d_in, rank, dtype)
         _compile_all(triton_compiler, tmp_path, fn, shapes, choice.blocks)
@@ -234,7 +236,9 @@ def test_offsets_are_64_bit_past_2_31_elements(triton_compiler, tmp_path):
     out, d_in, rank = MODELS["llama7b"]["gate_up"]
     shapes = switch_shapes(32, out, d_in, rank, jnp.bfloat16)
     assert 32 * out * d_in > 2**31
-    choice = dispatch.pick_switch("pallas", False, out=out, d_in=d_in)
+    choice = dispatch.pick_switch(
+        "pallas", False, out=out, d_in=d_in, rank=rank, n_slots=K, dtype=jnp.bfloat16
+    )
     fn = functools.partial(sm.merge_from_base, impl="pallas", interpret=False)
     ttir = _compile_all(triton_compiler, tmp_path, fn, shapes[:5], choice.blocks)
     assert re.search(r"tt\.addptr .*xi64>", ttir)

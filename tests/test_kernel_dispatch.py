@@ -93,12 +93,33 @@ def test_heuristic_blocks_fill_an_h100_at_decode_sizes(shape, n):
 
 
 def test_switch_choice():
-    c = dispatch.pick_switch("auto", False, out=4096, d_in=4096)
+    kw = dict(n_slots=4, dtype=jnp.bfloat16)
+    c = dispatch.pick_switch("auto", False, out=4096, d_in=4096, rank=16, **kw)
     assert c.impl == "pallas" and c.blocks == tuning.SWITCH[(4096, 4096)]["blocks"]
-    c = dispatch.pick_switch("pallas", False, out=22016, d_in=4096)
+    c = dispatch.pick_switch("pallas", False, out=22016, d_in=4096, rank=32, **kw)
     assert c.blocks["steps"] is None  # unmeasured: the read-once loop over `in`
     with pytest.raises(ValueError, match="mosaic"):
-        dispatch.pick_switch("mosaic", False, out=64, d_in=64)
+        dispatch.pick_switch("mosaic", False, out=64, d_in=64, rank=16, **kw)
+
+
+@pytest.mark.parametrize("rank", [16, 32, 48, 64])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_switch_blocks_fit_shared_memory(rank, dtype):
+    """The pipeline holds every slot's A tile per `in` step: wide ranks get narrower steps
+    (the sm_90 compile found 573 KB at rank 48 with 256-wide steps: a launch failure)."""
+    for out, d_in in [(12288, 4096), (4096, 4096), (960, 576)]:
+        c = dispatch.pick_switch(
+            "pallas", False, out=out, d_in=d_in, rank=rank, n_slots=4, dtype=dtype
+        )
+        assert (
+            dispatch.switch_smem(c.blocks, rank, 4, jnp.dtype(dtype).itemsize)
+            <= dispatch.SMEM_BUDGET
+        )
+    shape = bench.LinearShape("qkv", 12288, 4096, rank)
+    for blocks in bench.switch_candidates(shape, dtype=dtype)[1:]:
+        assert (
+            dispatch.switch_smem(blocks, rank, 4, jnp.dtype(dtype).itemsize) <= dispatch.SMEM_BUDGET
+        )
 
 
 def test_tuning_file_round_trips_through_its_renderer():
