@@ -504,7 +504,7 @@ def stage_decode(run: Run, specs: list[tuple[str, int, str]]) -> None:
     )
     compiles = []
     for plan, batch, impl in specs:
-        need = 1.3 * max(compiles, default=2.0 if run.smoke else 25.0) + (2 if run.smoke else 10)
+        need = 1.1 * max(compiles, default=2.0 if run.smoke else 25.0) + (2 if run.smoke else 5)
         if run.left() < need:
             run.emit(
                 part="row",

@@ -58,7 +58,7 @@ stage() {
   echo "{\"stage\": \"$name\", \"part\": \"stage\", \"status\": \"$status\", \"rc\": $rc}" >> "$OUT/results.jsonl"
 }
 
-declare -A CAP=([env]=30 [kernels]=75 [decode1]=110 [sweep]=45 [tests]=90 [decode16]=90)
+declare -A CAP=([env]=30 [kernels]=75 [decode1]=120 [sweep]=45 [tests]=90 [decode16]=90)
 for name in ${STAGES:-env kernels decode1 sweep tests decode16}; do
   stage "$name" "${CAP[$name]}"
 done
