@@ -8,8 +8,16 @@ Semantics, for one weight group (e.g. all layers' q_proj), l over layers, j over
 Layout: Hugging Face `W [out, in]` (y = x @ W.T), PEFT per expert (`lora_A.weight [r, in]`,
 `lora_B.weight [out, r]`). The LoRA scaling alpha/r is folded into the gates by the caller.
 
+Tiling. Grid (layers, out blocks, in chunks). A program owns `block_out` rows of one layer's
+W and loops over its chunk of `in` (by default the whole row) in `block_in` steps: it loads
+the 2k B[l, e] row tiles once, streams W and A[l, e] tiles, and stores each updated W tile.
+So every B tile is read once from HBM, W is read and written once, and A[l, e] (k * r * in
+elements per layer, e.g. 512 KB at 7B) is shared by all programs of a layer from L2. The
+earlier one-tile-per-program grid (`steps=1`) re-read every B tile once per `in` block.
+Block sizes per shape: `pallas_kernels.tuning` via `pallas_kernels.dispatch`.
+
 File order: kernel body -> jitted Pallas wrapper -> pure-jnp reference -> dispatch
-(`switch_merge`, `merge_from_base`) -> re-merge policy -> block-size tooling.
+(`switch_merge`, `merge_from_base`) -> re-merge policy.
 
 bf16 drift. Every in-place switch rounds W_eff to bf16 once (|err| <= ulp/2, a relative
 2**-9 per element at most), and subtracting the old experts never exactly undoes their earlier
@@ -26,8 +34,6 @@ kernel), so an expert kept across a switch adds no drift. fp32 drift is 2**16 x 
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,61 +41,48 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# GPU defaults (Triton lowering). Chosen from the tile shapes of jax's own Triton ops; they
-# were NOT measured (no GPU was available when written): re-measure on the target GPU with
-# `autotune_block_sizes` and update this table.
-GPU_DEFAULTS = {"block_out": 64, "block_in": 64, "num_warps": 4, "num_stages": 2}
-
-# Triton's `dot` wants every dimension >= 16 and its loads want power-of-two sizes.
-MIN_BLOCK = 16
-
-
-def block_size(requested: int, dim: int) -> int:
-    """A power-of-two block >= MIN_BLOCK, no larger than needed to cover `dim`."""
-    if requested < 1:
-        raise ValueError(f"{requested=} must be positive")
-    return max(MIN_BLOCK, min(pl.next_power_of_2(requested), pl.next_power_of_2(dim)))
-
-
-def resolve_impl(impl: str, interpret: bool | None) -> tuple[str, bool]:
-    """The one kernel-or-reference decision: "auto" runs Pallas on a GPU, the reference elsewhere."""
-    if impl not in ("auto", "pallas", "reference"):
-        raise ValueError(f"{impl=} must be 'auto', 'pallas' or 'reference'")
-    on_gpu = jax.default_backend() == "gpu"
-    if impl == "auto":
-        impl = "pallas" if on_gpu else "reference"
-    if interpret is None:
-        interpret = not on_gpu
-    return impl, interpret
-
+from pallas_kernels import dispatch
+from pallas_kernels.common import MIN_BLOCK, block_size, check_dtype  # noqa: F401 (re-exported)
+from pallas_kernels.dispatch import resolve_impl
 
 # ----------------------------------------------------------------------------- kernel body
 
 
-def _switch_kernel(w_ref, ids_ref, coef_ref, a_ref, b_ref, o_ref, *, n_slots, out, d_in, rank):
-    # Blocks: w/o [bo, bi] of layer l; a [E, r_blk, bi]; b [E, bo, r_blk]; ids/coef [2k].
-    # Blocks may overhang the arrays (out, in, r not multiples of the block): every load and
-    # store is masked, so no operand is padded and W stays in place.
-    bo, bi = o_ref.shape
+def _switch_kernel(
+    w_ref, ids_ref, coef_ref, a_ref, b_ref, o_ref, *, n_slots, out, d_in, rank, bi, steps
+):
+    # Blocks: w/o [bo, in_pad] of layer l (this program writes `steps` tiles of bi columns
+    # of it); a [E, r_blk, in_pad]; b [E, bo, r_blk]; ids/coef [2k]. Blocks may overhang the
+    # arrays (out, in, r not multiples of the block): every load and store is masked, so no
+    # operand is padded and W stays in place.
+    bo = o_ref.shape[0]
     r_blk = a_ref.shape[1]
-    i, j = pl.program_id(1), pl.program_id(2)
+    i, c = pl.program_id(1), pl.program_id(2)
     o_ok = jnp.arange(bo) < out - i * bo  # [bo]
-    c_ok = jnp.arange(bi) < d_in - j * bi  # [bi]
     r_ok = jnp.arange(r_blk) < rank  # [r_blk]
-    w_mask = o_ok[:, None] & c_ok[None, :]
-    acc = plgpu.load(w_ref, mask=w_mask, other=0).astype(jnp.float32)  # [bo, bi]
+    slots = []
     for s in range(n_slots):  # 2k, static and small
-        ex, c = ids_ref[s], coef_ref[s]
+        ex, coef = ids_ref[s], coef_ref[s]
+        # Slots cancelled by the wrapper (kept experts, duplicates) have coef == 0: their
+        # loads are masked off (no memory traffic) and add exact zeros.
+        live = coef != 0
+        # B[l, e] rows of this program: loaded once, kept for the whole loop over `in`
+        bt = plgpu.load(b_ref.at[ex], mask=(o_ok[:, None] & r_ok[None, :]) & live, other=0)
+        slots.append((ex, coef, live, bt))
 
-        def add(acc, ex=ex, c=c):
-            a = plgpu.load(a_ref.at[ex], mask=r_ok[:, None] & c_ok[None, :], other=0)
-            b = plgpu.load(b_ref.at[ex], mask=o_ok[:, None] & r_ok[None, :], other=0)
-            ba = jnp.dot(b, a, preferred_element_type=jnp.float32)  # [bo, bi]
-            return acc + c * ba
+    def step(t, carry):
+        col0 = (c * steps + t) * bi
+        c_ok = col0 + jnp.arange(bi) < d_in  # [bi]
+        w_mask = o_ok[:, None] & c_ok[None, :]
+        acc = plgpu.load(w_ref.at[:, pl.ds(col0, bi)], mask=w_mask, other=0).astype(jnp.float32)
+        for ex, coef, live, bt in slots:
+            a_mask = (r_ok[:, None] & c_ok[None, :]) & live
+            at = plgpu.load(a_ref.at[ex, :, pl.ds(col0, bi)], mask=a_mask, other=0)
+            acc = acc + coef * jnp.dot(bt, at, preferred_element_type=jnp.float32)  # [bo, bi]
+        plgpu.store(o_ref.at[:, pl.ds(col0, bi)], acc.astype(o_ref.dtype), mask=w_mask)
+        return carry
 
-        # Slots cancelled by the wrapper (kept experts, duplicates) have c == 0: skip them.
-        acc = lax.cond(c != 0, add, lambda acc: acc, acc)
-    plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=w_mask)
+    lax.fori_loop(0, steps, step, jnp.int32(0))
 
 
 # ----------------------------------------------------------------------------- wrapper
@@ -125,7 +118,7 @@ def _combine_slots(ids, coef):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block_out", "block_in", "num_warps", "num_stages", "interpret"),
+    static_argnames=("block_out", "block_in", "steps", "num_warps", "num_stages", "interpret"),
 )
 def merge_delta_pallas(
     w: jax.Array,
@@ -134,10 +127,11 @@ def merge_delta_pallas(
     ids: jax.Array,
     coef: jax.Array,
     *,
-    block_out: int = GPU_DEFAULTS["block_out"],
-    block_in: int = GPU_DEFAULTS["block_in"],
-    num_warps: int = GPU_DEFAULTS["num_warps"],
-    num_stages: int = GPU_DEFAULTS["num_stages"],
+    block_out: int = 32,
+    block_in: int = 256,
+    steps: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
     interpret: bool = False,
 ) -> jax.Array:
     """W[l] <- W[l] + sum_s coef[s] * B[l, ids[s]] @ A[l, ids[s]] for all l (Pallas).
@@ -145,31 +139,42 @@ def merge_delta_pallas(
     Args:
       w: [L, out, in], updated in place (`input_output_aliases`): donate it at the jit
         boundary of the caller, or XLA inserts a copy.
-      a: [L, E, r, in]; b: [L, E, out, r]; same dtype as w.
+      a: [L, E, r, in]; b: [L, E, out, r]; same dtype as w (fp32, bf16 or fp16).
       ids: [S] int32 expert indices in [0, E) (gathered inside the kernel).
       coef: [S] float coefficients (negative to subtract).
-      block_out, block_in: tile of W per program; clamped to the problem, powers of two.
+      block_out: rows of W per program; block_in: columns per loop step (both clamped to
+        the problem, powers of two). steps: loop steps per program along `in`; None = the
+        whole row, so each program reads its B tiles once and streams W and A (A[l] is
+        shared by all programs of layer l and stays in L2). steps=1 is one tile per program.
     Returns: the new W, [L, out, in], dtype of w (fp32 accumulation inside).
     """
     _check_bank(w, a, b, ids, coef)
+    for name, t in (("w", w), ("a", a), ("b", b)):
+        check_dtype(name, t.dtype)
     n_layers, out, d_in = w.shape
     n_exp, rank = a.shape[1], a.shape[2]
     bo, bi = block_size(block_out, out), block_size(block_in, d_in)
     r_blk = block_size(rank, rank)
+    n_iblocks = pl.cdiv(d_in, bi)
+    steps = n_iblocks if steps is None else max(1, min(steps, n_iblocks))
+    chunks = pl.cdiv(n_iblocks, steps)  # programs along `in`
+    in_pad = chunks * steps * bi
     ids, coef = _combine_slots(ids.astype(jnp.int32), coef.astype(jnp.float32))
-    kernel = functools.partial(_switch_kernel, n_slots=ids.shape[0], out=out, d_in=d_in, rank=rank)
     n_s = ids.shape[0]
+    kernel = functools.partial(
+        _switch_kernel, n_slots=n_s, out=out, d_in=d_in, rank=rank, bi=bi, steps=steps
+    )
     return pl.pallas_call(
         kernel,
-        grid=(n_layers, pl.cdiv(out, bo), pl.cdiv(d_in, bi)),
+        grid=(n_layers, pl.cdiv(out, bo), chunks),
         in_specs=[
-            pl.BlockSpec((None, bo, bi), lambda li, i, j: (li, i, j)),
-            pl.BlockSpec((n_s,), lambda li, i, j: (0,)),
-            pl.BlockSpec((n_s,), lambda li, i, j: (0,)),
-            pl.BlockSpec((None, n_exp, r_blk, bi), lambda li, i, j: (li, 0, 0, j)),
-            pl.BlockSpec((None, n_exp, bo, r_blk), lambda li, i, j: (li, 0, i, 0)),
+            pl.BlockSpec((None, bo, in_pad), lambda li, i, c: (li, i, 0)),
+            pl.BlockSpec((n_s,), lambda li, i, c: (0,)),
+            pl.BlockSpec((n_s,), lambda li, i, c: (0,)),
+            pl.BlockSpec((None, n_exp, r_blk, in_pad), lambda li, i, c: (li, 0, 0, 0)),
+            pl.BlockSpec((None, n_exp, bo, r_blk), lambda li, i, c: (li, 0, i, 0)),
         ],
-        out_specs=pl.BlockSpec((None, bo, bi), lambda li, i, j: (li, i, j)),
+        out_specs=pl.BlockSpec((None, bo, in_pad), lambda li, i, c: (li, i, 0)),
         out_shape=jax.ShapeDtypeStruct(w.shape, w.dtype),
         input_output_aliases={0: 0},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -185,14 +190,18 @@ def merge_delta_pallas(
 def merge_delta_reference(
     w: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array, coef: jax.Array
 ) -> jax.Array:
-    """Pure-jnp `merge_delta_pallas` (same arguments): oracle and XLA fallback."""
+    """Pure-jnp `merge_delta_pallas` (same arguments): oracle and XLA fallback.
+
+    One batched product per layer with the slots stacked along the rank:
+    delta[l] = [coef_s * B[l, ids_s]]_s @ [A[l, ids_s]]_s, K = S * r, fp32 accumulation.
+    """
     _check_bank(w, a, b, ids, coef)
     a_sel = jnp.take(a, ids, axis=1)  # [L, S, r, in]
-    b_sel = jnp.take(b, ids, axis=1)  # [L, S, out, r]
+    b_sel = jnp.take(b, ids, axis=1).astype(jnp.float32)  # [L, S, out, r]
+    b_sel = b_sel * coef.astype(jnp.float32)[None, :, None, None]
     delta = jnp.einsum(
-        "lsor,lsri->lsoi", b_sel, a_sel, preferred_element_type=jnp.float32
-    )  # [L, S, out, in]
-    delta = jnp.einsum("lsoi,s->loi", delta, coef.astype(jnp.float32))
+        "lsor,lsri->loi", b_sel, a_sel.astype(jnp.float32), preferred_element_type=jnp.float32
+    )  # [L, out, in]
     return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
 
@@ -200,10 +209,20 @@ def merge_delta_reference(
 
 
 def _merge_delta(w, a, b, ids, coef, impl, interpret, block_sizes):
-    impl, interpret = resolve_impl(impl, interpret)
-    if impl == "reference":
+    impl, interpret = resolve_impl(dispatch.overridden("switch", impl), interpret)
+    choice = dispatch.pick_switch(
+        impl,
+        interpret,
+        out=w.shape[1],
+        d_in=w.shape[2],
+        rank=a.shape[2],
+        n_slots=ids.shape[0],
+        dtype=w.dtype,
+    )
+    if choice.impl == "reference":
         return merge_delta_reference(w, a, b, ids, coef)
-    return merge_delta_pallas(w, a, b, ids, coef, interpret=interpret, **(block_sizes or {}))
+    blocks = {**choice.blocks, **(block_sizes or {})}
+    return merge_delta_pallas(w, a, b, ids, coef, interpret=choice.interpret, **blocks)
 
 
 def switch_merge(
@@ -226,9 +245,11 @@ def switch_merge(
         donate it (`jax.jit(..., donate_argnums=...)`) so the switch rewrites the buffer.
       a: [L, E, r, in]; b: [L, E, out, r] (PEFT layout per expert), dtype of w_eff.
       e_old, e_new: [k] int32 expert ids in [0, E); g_old, g_new: [k] gates, scaling folded in.
-      impl: "auto" (Pallas on GPU, reference elsewhere), "pallas" or "reference".
+      impl: "auto" (`pallas_kernels.dispatch`: the Pallas kernel on a GPU, the reference
+        elsewhere), "pallas" or "reference".
       interpret: run Pallas in interpret mode (default: when not on a GPU).
-      block_sizes: keyword overrides for `merge_delta_pallas` (block_out, block_in, ...).
+      block_sizes: keyword overrides for `merge_delta_pallas` (block_out, block_in, steps,
+        num_warps, num_stages); default: the measured table for this shape.
     Returns: the new W_eff. When (e_new, g_new) == (e_old, g_old) no kernel runs (`lax.cond`).
     """
     ids = jnp.concatenate([e_old, e_new]).astype(jnp.int32)  # [2k]
@@ -298,34 +319,3 @@ def switch_merge_with_remerge(
         w_eff,
     )
     return w, jnp.where(remerge, 0, n_next).astype(jnp.int32)
-
-
-# ----------------------------------------------------------------------------- block sizes
-
-
-def autotune_block_sizes(
-    make_fn: Callable[..., Callable[[], jax.Array]],
-    candidates: Sequence[dict],
-    *,
-    iters: int = 10,
-) -> tuple[dict, list[tuple[dict, float]]]:
-    """Time `make_fn(**candidate)()` for each candidate on the current backend; pick the fastest.
-
-    `make_fn(**blocks)` returns a zero-argument callable running the op with those block
-    sizes. Returns (best candidate, [(candidate, seconds per call)]). Candidates that fail to
-    lower or compile are skipped (recorded as inf).
-    """
-    timings = []
-    for cand in candidates:
-        try:
-            fn = make_fn(**cand)
-            jax.block_until_ready(fn())  # compile + warm up
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                out = fn()
-            jax.block_until_ready(out)
-            timings.append((cand, (time.perf_counter() - t0) / iters))
-        except Exception:  # a candidate the backend rejects is simply not a winner
-            timings.append((cand, float("inf")))
-    best = min(timings, key=lambda t: t[1])[0]
-    return best, timings

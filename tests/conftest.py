@@ -4,9 +4,16 @@ from pathlib import Path
 
 import pytest
 
-# Tests run on the CPU; keep XLA from grabbing every core's worth of threads per test.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def pytest_configure(config):
+    """Tests run on the CPU unless JAX_PLATFORMS says otherwise. `pytest -m gpu` selects the
+    compiled kernel classes and leaves the platform to jax (its GPU when there is one; the
+    classes skip without one). jax initialises its backend lazily, after this hook."""
+    markexpr = config.getoption("markexpr") or ""
+    if not ("gpu" in markexpr and "not gpu" not in markexpr):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture(scope="module")

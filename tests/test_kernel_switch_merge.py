@@ -1,7 +1,8 @@
 """LoRA-Switch switch/merge kernel vs its jnp reference and a float64 loop oracle.
 
-Run twice: `TestSwitchMerge` compiled on a GPU (skipped elsewhere), `TestSwitchMergeInterpret`
-in Pallas interpret mode on CPU.
+Every case runs twice: `TestSwitchMergeGPU` compiled on a GPU (`pytest -m gpu` with
+JAX_PLATFORMS=cuda; skipped elsewhere, fp32 dots at HIGHEST precision, see
+test_kernel_lora_unmerged.py) and `TestSwitchMergeInterpret` in Pallas interpret mode on CPU.
 """
 
 import functools
@@ -59,14 +60,10 @@ def merge_f64(w, a, b, terms):
     return out
 
 
-@pytest.mark.gpu
-class TestSwitchMerge:
-    INTERPRET = False
+class _SwitchMergeCases:
+    """The cases; collected through the GPU and interpret subclasses below."""
 
-    @pytest.fixture(autouse=True)
-    def _needs_backend(self):
-        if not self.INTERPRET and jax.default_backend() != "gpu":
-            pytest.skip("needs a GPU")
+    INTERPRET: bool
 
     def switch(self, *args, **kw):
         return sm.switch_merge(*args, impl="pallas", interpret=self.INTERPRET, **kw)
@@ -74,9 +71,10 @@ class TestSwitchMerge:
     def from_base(self, *args, **kw):
         return sm.merge_from_base(*args, impl="pallas", interpret=self.INTERPRET, **kw)
 
+    @pytest.mark.parametrize("steps", [None, 1, 2])  # whole row per program, 1 tile, uneven
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
     @pytest.mark.parametrize("case", CASES)
-    def test_switch_matches_reference_and_f64(self, case, dtype):
+    def test_switch_matches_reference_and_f64(self, case, dtype, steps):
         n_layers, n_exp, rank, out, d_in, k = case
         w, a, b = make_bank(0, n_layers, n_exp, rank, out, d_in, dtype)
         rng = np.random.default_rng(1)
@@ -84,7 +82,14 @@ class TestSwitchMerge:
         e_old, g_old = pick(rng, n_exp, k, routing)
         e_new, g_new = pick(rng, n_exp, k, routing)
         got = self.switch(
-            w, a, b, e_old, g_old, e_new, g_new, block_sizes=dict(block_out=64, block_in=32)
+            w,
+            a,
+            b,
+            e_old,
+            g_old,
+            e_new,
+            g_new,
+            block_sizes=dict(block_out=64, block_in=32, steps=steps),
         )
         ref = sm.switch_merge(w, a, b, e_old, g_old, e_new, g_new, impl="reference")
         f64 = merge_f64(w, a, b, [(e_old, g_old, -1.0), (e_new, g_new, 1.0)])
@@ -171,19 +176,30 @@ class TestSwitchMerge:
         assert max(drift_pol) < drift_chain[-1]
 
 
-class TestSwitchMergeInterpret(TestSwitchMerge):
+@pytest.mark.gpu
+class TestSwitchMergeGPU(_SwitchMergeCases):
+    INTERPRET = False
+
+    @pytest.fixture(autouse=True)
+    def _on_gpu_at_highest(self):
+        if jax.default_backend() != "gpu":
+            pytest.skip("needs a GPU: JAX_PLATFORMS=cuda pytest -m gpu")
+        with jax.default_matmul_precision("highest"):  # fp32 dots as IEEE fp32, not TF32
+            yield
+
+
+class TestSwitchMergeInterpret(_SwitchMergeCases):
     INTERPRET = True
-    pytestmark = []  # the GPU marker is for the compiled class only
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU choice")
 def test_auto_uses_reference_off_gpu():
     w, a, b = make_bank(9, 1, 3, 4, 24, 20, jnp.float32)
     e, g = jnp.array([1], jnp.int32), jnp.array([1.0], jnp.float32)
     got = sm.merge_from_base(w, a, b, e, g)  # impl="auto"
-    if jax.default_backend() != "gpu":
-        np.testing.assert_array_equal(
-            np.asarray(got), np.asarray(sm.merge_delta_reference(w, a, b, e, g))
-        )
+    np.testing.assert_array_equal(
+        np.asarray(got), np.asarray(sm.merge_delta_reference(w, a, b, e, g))
+    )
 
 
 def test_shape_errors():
