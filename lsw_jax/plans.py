@@ -27,11 +27,11 @@ import jax.numpy as jnp
 
 from lsw_jax.adapters.lora import FixedRouter, Router, Routing
 from lsw_jax.linears import FUSED
+from pallas_kernels.dispatch import check_impl
 from pallas_kernels.lora_unmerged import lora_unmerged
 from pallas_kernels.switch_merge import switch_merge_with_remerge
 
 Array = jax.Array
-IMPLS = ("auto", "pallas", "reference")
 
 
 class Plan(str, enum.Enum):
@@ -51,12 +51,6 @@ def as_plan(plan: Plan | str) -> Plan:
         return Plan(plan)
     except ValueError:
         raise ValueError(f"plan={plan!r} must be one of {PLANS}") from None
-
-
-def check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
-    return impl
 
 
 # ---------------------------------------------------------------------- unmerged
