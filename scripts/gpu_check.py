@@ -572,6 +572,7 @@ def main() -> None:
     ap.add_argument("--tests", help="report: passed,failed,skipped when results lack them")
     ap.add_argument("--date", help="report: the run's date when results lack it")
     ap.add_argument("--command", help="report: the command that produced the results")
+    ap.add_argument("--note", action="append", help="report: a note for the Notes list")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage == "report":

@@ -187,7 +187,11 @@ def render_md(data: dict, rows: list[dict], *, command: str, notes: list[str]) -
         "on a GPU are not part of this check: `scripts/bench_decode.py --model llama7b`.",
         f"Device copy bandwidth {data['copy_gbs']} GB/s (`x + 1` over 2 GiB, read + write "
         "counted). Compiled GPU kernel tests (`pytest -m gpu`, fp32 at HIGHEST precision): "
-        f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped.",
+        + (
+            f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped."
+            if any(t.values())
+            else "not run in this check (the `tests` stage was skipped or not chosen)."
+        ),
         "",
         "### Decode, Llama-2-7B shape (32 layers, bf16, random weights)",
         "LoRA-Switch: 8 experts of rank 16 on all 7 linears, top-2. ms/token = one decode step "
@@ -249,7 +253,7 @@ def targets(data: dict) -> list[str]:
             out.append(
                 f"base b1 >= 0.70 of roofline: {r['roofline_frac']:.2f} ({'met' if ok else 'missed'})"
             )
-    unm = [r for (n, b), r in rows.items() if n == "switch_unmerged" and b == 1]
+    unm = [r for r in data["rows"] if r["name"] == "switch_unmerged" and r["batch"] == 1]
     if unm and ("base", 1) in rows:
         best = min(unm, key=lambda r: r["ms_per_token"])
         ratio = best["ms_per_token"] / rows[("base", 1)]["ms_per_token"]
@@ -266,7 +270,8 @@ def targets(data: dict) -> list[str]:
         ):
             verdict = "met" if k["frac_of_copy"] >= 0.70 else "missed"
             out.append(
-                f"{k['name']} {k['shape']} >= 0.70 of copy: {k['frac_of_copy']:.2f} ({verdict})"
+                f"{k['name']} [{k['impl']}] {k['shape']} >= 0.70 of copy: "
+                f"{k['frac_of_copy']:.2f} ({verdict})"
             )
     return out
 
@@ -404,7 +409,7 @@ def main(args) -> None:
         if args.legacy_run1
         else "OUT=<dir> BUDGET=<s> bash scripts/gpu_check.sh"
     )
-    notes = RUN1_NOTES if args.legacy_run1 else []
+    notes = RUN1_NOTES if args.legacy_run1 else list(args.note or [])
     section = render_md(data, rows, command=command, notes=notes)
     (args.out / "gpu_check.json").write_text(json.dumps(data, indent=1) + "\n")
     (args.out / "benchmarks_gpu.md").write_text(section)
