@@ -552,6 +552,7 @@ def build_server(
     dtype: str | None = None,
     model_id: str | None = None,
     max_waiting: int = 256,
+    verify_checksums: bool = True,
 ) -> Server:
     """Load a checkpoint (and its tokenizer), attach an adapter pool, wrap it in a Server.
 
@@ -561,7 +562,7 @@ def build_server(
     what it accepts (adapters given here raise them as needed).
     """
     ckpt = Path(ckpt)
-    model = load_model(ckpt, dtype=dtype)
+    model = load_model(ckpt, dtype=dtype, verify_checksums=verify_checksums)
     tok = load_tokenizer(ckpt)
     pool = None
     if adapters:
