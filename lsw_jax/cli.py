@@ -28,7 +28,7 @@ from lsw_jax.decode import generate
 from lsw_jax.evaluate import multiple_choice, perplexity
 from lsw_jax.loading import load_model, load_tokenizer, sharded_load_model
 from lsw_jax.plans import IMPLS, PLANS
-from lsw_jax.serve.server import build_server, run_server
+from lsw_jax.serve.server import HttpLimits, build_server, run_server
 from lsw_jax.sharding import MeshConfig
 from lsw_jax.train import TrainConfig, Trainer
 
@@ -329,9 +329,19 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         api_key=args.api_key,
         dtype=args.dtype,
         model_id=args.served_model_name,
+        max_waiting=args.max_waiting,
         verify_checksums=args.verify_checksums,
+        limits=HttpLimits(
+            max_body_bytes=args.max_body_bytes,
+            body_timeout_s=args.body_timeout,
+            header_timeout_s=args.header_timeout,
+            keep_alive_s=args.keep_alive_timeout,
+            max_connections=args.max_connections,
+        ),
     )
-    run_server(server, host=args.host, port=args.port)
+    run_server(
+        server, host=args.host, port=args.port, allow_unauthenticated=args.allow_unauthenticated
+    )
 
 
 def _add_serve_command(sub: Any) -> None:
@@ -340,7 +350,16 @@ def _add_serve_command(sub: Any) -> None:
     p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=PATH_OR_STORED")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LSW_JAX_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (env LSW_JAX_API_KEY keeps it out of ps)",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="listen on a non-loopback --host without an API key (refused otherwise)",
+    )
     p.add_argument("--slots", type=int, default=8, help="concurrent requests (batch rows)")
     p.add_argument("--max-len", type=int, default=None, help="tokens per request (prompt + output)")
     p.add_argument(
@@ -355,6 +374,43 @@ def _add_serve_command(sub: Any) -> None:
     p.add_argument("--policy", default="adaptive", choices=["adaptive", "merged", "unmerged"])
     p.add_argument("--served-model-name", default=None, help="model id of the base model")
     p.add_argument("--dtype", default=None)
+    limits = HttpLimits()
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="queued requests beyond the running ones; more get 429",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=limits.max_body_bytes,
+        help="larger request bodies get 413, before they are read",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=limits.header_timeout_s,
+        help="seconds a connection may take to send its request headers",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=limits.body_timeout_s,
+        help="seconds a request may take to send its body (408 after)",
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=limits.keep_alive_s,
+        help="seconds an idle keep-alive connection stays open",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=limits.max_connections,
+        help="open connections/requests beyond this get 503",
+    )
     p.set_defaults(func=_cmd_serve)
 
 
