@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+# CLI calls made in-process must not write the user's compilation cache (~/.cache/lsw-jax).
+os.environ.setdefault("LSW_JAX_COMPILE_CACHE", "off")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
