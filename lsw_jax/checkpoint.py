@@ -23,6 +23,7 @@ Format 1 checkpoints (no manifest) still load, with the shape checks but no chec
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -389,8 +390,8 @@ def load_params(
 ) -> Iterator[tuple[StatePath, jax.Array]]:
     """Restore every array of ``layout`` (path -> shape), cast to ``dtype``.
 
-    Before any array is read (metadata only), the names and shapes on disk must be exactly ``layout``'s
-    (a CheckpointError names the array and folder otherwise). ``verify_checksums``: each
+    Before any array is read (metadata only), the names and shapes on disk must be exactly
+    ``layout``'s (a CheckpointError names the array and folder otherwise). ``verify_checksums``: each
     array's bytes must match the manifest's crc32 (computed on the host copy before it
     goes to a device; skipped for arrays not fully addressable by this process, and for
     format 1 checkpoints, which have no manifest). ``shardings(path) -> Sharding``
@@ -408,14 +409,52 @@ def load_params(
             stored[group] = _stored_arrays(gdir, checkpointer)
             want = {_key_in_group(p): s for p, s in entries}
             _check_group(gdir, group, want, stored[group], manifest)
-        for group, entries in by_group.items():
-            gdir = ckpt / "params" / group
-            restored = _restore_group(checkpointer, gdir, entries, stored[group], shardings)
-            for p, _ in entries:
-                key = _key_in_group(p)
-                if verify_checksums and manifest is not None:
-                    _verify_checksum(restored[key], manifest[f"{group}/{key}"]["crc32"], gdir, key)
-                yield p, jnp.asarray(restored[key], dtype)
+        check = verify_checksums and manifest is not None
+        # Pipelined: group i's checksums run on a thread (zlib releases the GIL) while
+        # Orbax restores group i+1; group i is handed out only once it verified.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="crc32") as crc:
+            pending = None
+            for group, entries in by_group.items():
+                gdir = ckpt / "params" / group
+                restored = _restore_group(checkpointer, gdir, entries, stored[group], shardings)
+                sums = crc.submit(_group_checksums, restored) if check else None
+                if pending is not None:
+                    yield from _verified(*pending, manifest, dtype)
+                pending = (gdir, group, entries, restored, sums)
+            if pending is not None:
+                yield from _verified(*pending, manifest, dtype)
+
+
+def _group_checksums(restored: dict[str, Any]) -> dict[str, int | None]:
+    """crc32 per array; None for one another process holds part of (multi-host)."""
+    return {
+        key: None
+        if isinstance(arr, jax.Array) and not arr.is_fully_addressable
+        else array_checksum(np.asarray(arr))
+        for key, arr in restored.items()
+    }
+
+
+def _verified(
+    gdir: Path,
+    group: str,
+    entries: list,
+    restored: dict[str, Any],
+    sums: concurrent.futures.Future | None,
+    manifest: dict[str, dict[str, Any]] | None,
+    dtype: Any,
+) -> Iterator[tuple[StatePath, jax.Array]]:
+    got = sums.result() if sums is not None else {}
+    for p, _ in entries:
+        key = _key_in_group(p)
+        want = manifest[f"{group}/{key}"]["crc32"] if manifest is not None else None
+        if got.get(key) is not None and got[key] != want:
+            raise CheckpointError(
+                f"{gdir}: array {key!r} fails its checksum (crc32 {got[key]:#010x}, recorded "
+                f"{want:#010x}): the file is corrupt; {REFORMAT_HINT} (or pass "
+                "verify_checksums=False / --no-verify-checksums to load it anyway)"
+            )
+        yield p, jnp.asarray(restored[key], dtype)
 
 
 def _restore_group(
@@ -435,15 +474,3 @@ def _restore_group(
         return checkpointer.restore(gdir, target)
     except Exception as e:  # orbax raises many types; name the group and cause
         raise CheckpointError(f"{gdir}: cannot restore parameters: {first_line(e)}") from e
-
-
-def _verify_checksum(arr: Any, want: int, gdir: Path, key: str) -> None:
-    if isinstance(arr, jax.Array) and not arr.is_fully_addressable:
-        return  # another process holds part of it; the shape checks still ran
-    got = array_checksum(np.asarray(arr))
-    if got != want:
-        raise CheckpointError(
-            f"{gdir}: array {key!r} fails its checksum (crc32 {got:#010x}, recorded "
-            f"{want:#010x}): the file is corrupt; {REFORMAT_HINT} (or pass "
-            "verify_checksums=False / --no-verify-checksums to load it anyway)"
-        )
