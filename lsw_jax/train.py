@@ -316,11 +316,6 @@ class Trainer:
             except CheckpointError as e:
                 skipped.append((step, str(e)))
                 continue
-            if meta["config"]["adapter"] != self.cfg.adapter.to_dict():
-                raise ValueError(
-                    f"{self.out}: checkpoint was trained with adapter "
-                    f"{meta['config']['adapter']}, this run asks for {self.cfg.adapter.to_dict()}"
-                )
             self._set_state(meta, state)
             break
         else:
@@ -383,6 +378,8 @@ class Trainer:
         self.step = int(meta["step"])
 
     def _set_aside(self, step: int) -> None:
+        if jax.process_index() != 0:  # one process renames the shared folder
+            return
         root = self.out / "checkpoints"
         n = 0
         while (root / f"{step}.corrupt-{n}").exists():
