@@ -27,10 +27,11 @@ from lsw_jax.data import load_documents, read_multiple_choice
 from lsw_jax.decode import generate
 from lsw_jax.evaluate import multiple_choice, perplexity
 from lsw_jax.loading import load_model, load_tokenizer, sharded_load_model
-from lsw_jax.plans import IMPLS, PLANS
+from lsw_jax.plans import PLANS
 from lsw_jax.serve.server import HttpLimits, build_server, run_server
 from lsw_jax.sharding import MeshConfig
 from lsw_jax.train import TrainConfig, Trainer
+from pallas_kernels.dispatch import IMPLS
 
 DEFAULT_PROMPT = "What is a LoRA adapter, in two sentences?"
 
