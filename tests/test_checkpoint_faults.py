@@ -25,7 +25,7 @@ from lsw_jax.cli import main
 from lsw_jax.config import AdapterConfig, ModelConfig
 from lsw_jax.convert.hf import hf_key_table
 from lsw_jax.convert.peft import export_peft_adapter
-from lsw_jax.loading import get_by_path
+from lsw_jax.linears import iter_checkpoint_tensors
 
 CFG = ModelConfig.tiny(vocab_size=len(WORDS), max_position_embeddings=128)
 IDS = np.array([[1, 5, 9, 3, 7]], np.int32)
@@ -65,7 +65,7 @@ def test_checkpoint_round_trip_records_every_array(saved):
     manifest = json.loads((ckpt / "params" / "manifest.json").read_text())["arrays"]
     assert len(manifest) == len(hf_key_table(CFG))
     q = manifest["layer_00001/self_attn.q_proj.weight"]
-    w = np.asarray(model.layers[1].self_attn.q_proj.weight[...])
+    w = dict(iter_checkpoint_tensors(model))[("layers", 1, "self_attn", "q_proj", "weight")]
     assert q == {"shape": list(w.shape), "dtype": "float32", "crc32": array_checksum(w)}
     np.testing.assert_array_equal(
         _logits(lsw_jax.load_model(ckpt, dtype="float32")), _logits(model)
@@ -186,7 +186,10 @@ def test_stored_adapter_tampering_is_refused(saved, tmp_path):
     bad = json.loads(json.dumps(layout))
     bad["modules"]["0.q_proj"]["rank"] = 8  # Orbax alone would pad the stored rank-4 bank
     layout_path.write_text(json.dumps(bad))
-    with pytest.raises(CheckpointError, match=r"layers/0/self_attn/q_proj/lora/a is float32"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"array layers/0/\S*q_proj\S*/a is float32\[1, 4, 64\] on disk, expected float32\[1, 8, 64\]",
+    ):
         load_adapter(lsw_jax.load_model(ckpt, dtype="float32"), ckpt, "a")
 
 
@@ -208,10 +211,8 @@ def _hf_folder(model, dst):
         "max_position_embeddings": cfg.max_position_embeddings,
     }
     (dst / "config.json").write_text(json.dumps(hf_cfg))
-    tensors = {
-        name: np.asarray(get_by_path(model, path)[...])
-        for name, (path, _) in hf_key_table(cfg).items()
-    }
+    parts = dict(iter_checkpoint_tensors(model))
+    tensors = {name: parts[path] for name, (path, _) in hf_key_table(cfg).items()}
     save_file(tensors, str(dst / "model.safetensors"))
     make_tokenizer().save(dst)
     return dst

@@ -261,26 +261,28 @@ def test_non_loopback_host_without_a_key_is_refused(live, caplog):
         main(["serve", "--ckpt", ckpt, "--host", "0.0.0.0", "--slots", "1", "--max-len", "32"])
 
 
+def _finished_count(url: str, reason: str) -> float:
+    key = f'lsw_requests_total{{reason="{reason}"}} '
+    text = httpx.get(url + "/metrics").text
+    line = next((x for x in text.splitlines() if x.startswith(key)), key + "0")
+    return float(line.split()[-1])
+
+
 def test_stop_string_counts_as_stop_in_metrics(live):
     url, _, _ = live
     prompt = [5, 6, 7]
     words = make_tokenizer().decode(reference_greedy(prompt, "a1", 8)).split()
-    stop = words[2]
-    body = {"model": "a1", "prompt": prompt, "max_tokens": 8, "ignore_eos": True, "stop": stop}
-    before = httpx.get(url + "/metrics").text
-    r = httpx.post(url + "/v1/completions", json={**body, "temperature": 0}, timeout=30)
+    i = next(i for i in range(1, len(words)) if words[i] not in words[:i])
+    body = {"model": "a1", "prompt": prompt, "max_tokens": 8, "ignore_eos": True, "temperature": 0}
+    stop, cancelled = _finished_count(url, "stop"), _finished_count(url, "cancelled")
+    r = httpx.post(url + "/v1/completions", json={**body, "stop": words[i]}, timeout=60)
     choice = r.json()["choices"][0]
-    assert choice["finish_reason"] == "stop" and stop not in choice["text"]
-    time.sleep(0.2)  # the engine reports the cancellation at its next step
-    after = httpx.get(url + "/metrics").text
-
-    def count(text, reason):
-        key = f'lsw_requests_total{{reason="{reason}"}} '
-        line = next((x for x in text.splitlines() if x.startswith(key)), key + "0")
-        return float(line.split()[-1])
-
-    assert count(after, "stop") == count(before, "stop") + 1
-    assert count(after, "cancelled") == count(before, "cancelled")
+    assert choice["finish_reason"] == "stop" and choice["text"] == " ".join(words[:i]) + " "
+    deadline = time.time() + 60  # the engine reports the cancellation at its next step
+    while _finished_count(url, "stop") == stop and time.time() < deadline:
+        time.sleep(0.1)
+    assert _finished_count(url, "stop") == stop + 1
+    assert _finished_count(url, "cancelled") == cancelled
 
 
 class ByteTokenizer:
