@@ -8,6 +8,7 @@ the adapter store. None of those imports this module.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsw_jax import sharding as sh
-from lsw_jax.adapters.store import load_adapter
+from lsw_jax.adapters.store import list_adapters, load_adapter
 from lsw_jax.checkpoint import (
     StatePath,
     atomic_directory,
@@ -55,6 +56,7 @@ def load_model(
     shardings: Any = None,
     mesh: Any = None,
     rules: Any = None,
+    verify_checksums: bool = True,
 ) -> LlamaModel:
     """Load a converted checkpoint as a ``LlamaModel``.
 
@@ -63,6 +65,10 @@ def load_model(
     adapter stored under ``ckpt/adapters`` to attach. ``mesh`` (with optional ``rules``,
     default ``sharding.LOGICAL_AXIS_RULES``): restore every backbone tensor straight into
     the sharding its logical axes give (``shardings(path)`` overrides per tensor).
+
+    Every array's name and shape is checked against the config first, and its bytes
+    against the checksum recorded at conversion unless ``verify_checksums=False``
+    (``checkpoint.CheckpointError`` naming the array and folder).
     """
     cfg = read_config(ckpt)
     dtype = jnp.dtype(dtype or default_dtype())
@@ -80,7 +86,10 @@ def load_model(
                 return sh.variable_sharding(get_by_path(model, p), mesh, rules, units)
             return sh.named_sharding(axes, layout[p], mesh, rules, units)
 
-    set_checkpoint_tensors(model, load_params(ckpt, layout, dtype=param_dtype, shardings=shardings))
+    arrays = load_params(
+        ckpt, layout, dtype=param_dtype, shardings=shardings, verify_checksums=verify_checksums
+    )
+    set_checkpoint_tensors(model, arrays)
     if adapter is not None:
         attach_saved_adapter(model, ckpt, adapter)
     return model
@@ -94,12 +103,19 @@ def sharded_load_model(
     param_dtype: Any = None,
     adapter: str | Path | None = None,
     rules: sh.Rules = sh.LOGICAL_AXIS_RULES,
+    verify_checksums: bool = True,
 ) -> LlamaModel:
     """``load_model`` restoring each backbone tensor directly into its sharding (Orbax reads
     only the slices each device holds: no full copy on one host); an attached adapter
     (small) is placed afterwards."""
     model = load_model(
-        ckpt, dtype=dtype, param_dtype=param_dtype, adapter=adapter, mesh=mesh, rules=rules
+        ckpt,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        adapter=adapter,
+        mesh=mesh,
+        rules=rules,
+        verify_checksums=verify_checksums,
     )
     return sh.shard_model(model, mesh, rules)
 
@@ -115,8 +131,15 @@ def save_model(model: Any, ckpt: str | Path, *, overwrite: bool = False) -> None
 
 def attach_saved_adapter(model: Any, ckpt: str | Path, adapter: str | Path) -> Any:
     """``adapter`` is a PEFT directory (has adapter_config.json) or a stored adapter name."""
-    if (Path(adapter) / "adapter_config.json").exists():
-        return load_peft_adapter(model, adapter)
+    path = Path(adapter)
+    if (path / "adapter_config.json").exists():
+        return load_peft_adapter(model, path)
+    if path.exists() or os.sep in str(adapter) or "/" in str(adapter):
+        stored = list_adapters(ckpt)
+        raise FileNotFoundError(
+            f"{adapter}: not a PEFT adapter folder (no adapter_config.json there) and not "
+            f"an adapter stored in {ckpt} (stored: {', '.join(stored) or 'none'})"
+        )
     return load_adapter(model, ckpt, str(adapter))
 
 

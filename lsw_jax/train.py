@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from lsw_jax.adapters.lora import (
     routing_stats,
 )
 from lsw_jax.adapters.store import save_adapter
+from lsw_jax.checkpoint import CheckpointError, first_line, tree_checksums, verify_tree_checksums
 from lsw_jax.config import AdapterConfig
 from lsw_jax.convert.peft import export_peft_adapter
 from lsw_jax.data import Batches, load_documents, pack_documents
@@ -225,6 +228,7 @@ class Trainer:
         tokenizer: Any = None,
         batches: Any = None,
         mesh: Any = None,
+        verify_checksums: bool = True,
     ):
         """model/tokenizer default to those of ``cfg.ckpt``; ``batches`` (a data.Batches,
         e.g. over a domain mixture) replaces the files of ``cfg.data``. ``mesh``: a
@@ -235,7 +239,9 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.mesh = mesh
         if model is None:
-            model = load_model(cfg.ckpt, dtype=cfg.dtype, mesh=mesh)
+            model = load_model(
+                cfg.ckpt, dtype=cfg.dtype, mesh=mesh, verify_checksums=verify_checksums
+            )
         if tokenizer is None and batches is None:
             tokenizer = load_tokenizer(cfg.ckpt, required=True)
         attach_adapter(model, cfg.adapter, seed=cfg.seed)
@@ -300,16 +306,51 @@ class Trainer:
         }
 
     def _restore_latest(self) -> None:
-        latest = self.manager.latest_step()
-        if latest is None:
+        """Resume from the newest step that restores and verifies; steps after it that do
+        not are moved aside (``<step>.corrupt-N``, kept for inspection) with a warning
+        saying why, so the run re-makes them. None verifying is an error listing why."""
+        skipped: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta, state = self._restore_step(step)
+            except CheckpointError as e:
+                skipped.append((step, str(e)))
+                continue
+            self._set_state(meta, state)
+            break
+        else:
+            if skipped:
+                reasons = "\n".join(f"  step {s}: {why}" for s, why in skipped)
+                raise ValueError(
+                    f"{self.out / 'checkpoints'}: no checkpoint step restores:\n{reasons}\n"
+                    "move that folder away to start the run afresh"
+                )
             return
-        meta = self.manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
-        if meta["config"]["adapter"] != self.cfg.adapter.to_dict():
+        for step, _ in skipped:
+            self._set_aside(step)
+        if skipped:
+            reasons = "; ".join(f"step {s}: {why}" for s, why in skipped)
+            warnings.warn(
+                f"{self.out / 'checkpoints'}: resumed from step {self.step}, skipping newer "
+                f"steps that do not restore ({reasons})",
+                stacklevel=3,
+            )
+            self.manager.reload()
+
+    def _restore_step(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(meta, state) of one saved step, its arrays checked against their checksums;
+        a failure is a one-line CheckpointError (a different adapter: a ValueError)."""
+        source = self.out / "checkpoints" / str(step)
+        try:
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            meta = self.manager.restore(step, args=args)["meta"]
+            trained = meta["config"]["adapter"]
+        except Exception as e:  # orbax raises many types, with pages of context
+            raise CheckpointError(f"{source}: {first_line(e)}") from None
+        if trained != self.cfg.adapter.to_dict():  # another run's folder, not a corrupt step
             raise ValueError(
-                f"{self.out}: checkpoint was trained with adapter {meta['config']['adapter']}, "
-                f"this run asks for {self.cfg.adapter.to_dict()}"
+                f"{self.out}: checkpoint was trained with adapter {trained}, this run asks "
+                f"for {self.cfg.adapter.to_dict()}"
             )
         on_mesh = self.mesh is not None  # restore each array straight into its layout
         target = jax.tree.map(
@@ -320,23 +361,51 @@ class Trainer:
             ),
             self._payload(),
         )
-        state = self.manager.restore(
-            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )["state"]
+        try:
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            state = self.manager.restore(step, args=args)["state"]
+        except Exception as e:
+            raise CheckpointError(f"{source}: {first_line(e)}") from None
+        if meta.get("checksums"):
+            verify_tree_checksums(state, meta["checksums"], source)
+        return meta, state
+
+    def _set_state(self, meta: dict[str, Any], state: dict[str, Any]) -> None:
         self.trainable.replace_by_pure_dict(state["trainable"])
         self.rng_state.replace_by_pure_dict(state["rng"])
         self.opt_state = state["opt"]
         self.batches.restore(meta["data"])
         self.step = int(meta["step"])
 
+    def _set_aside(self, step: int) -> None:
+        if jax.process_index() != 0:  # one process renames the shared folder
+            return
+        root = self.out / "checkpoints"
+        n = 0
+        while (root / f"{step}.corrupt-{n}").exists():
+            n += 1
+        os.replace(root / str(step), root / f"{step}.corrupt-{n}")
+
     def save(self, force: bool = False) -> None:
-        meta = {"step": self.step, "data": self.batches.state(), "config": self.cfg.to_dict()}
+        """Save this step (every ``save_every`` steps, or now with ``force``) with the
+        crc32 of every array, which resume checks."""
+        if not (force or self.manager.should_save(self.step)):
+            return
+        if self.step in self.manager.all_steps():
+            return  # already saved (finish() right after a periodic save; a rerun)
+        payload = self._payload()
+        meta = {
+            "step": self.step,
+            "data": self.batches.state(),
+            "config": self.cfg.to_dict(),
+            "checksums": tree_checksums(payload),
+        }
         self.manager.save(
             self.step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(self._payload()), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(payload), meta=ocp.args.JsonSave(meta)
             ),
-            force=force,
+            force=True,
         )
 
     def run(self, *, stop_after: int | None = None, progress: bool = True) -> list[dict]:

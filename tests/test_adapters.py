@@ -6,10 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hf_helpers import hf_logits, make_hf_model, rel_err, save_hf_model
 
 import lsw_jax
 from lsw_jax.adapters.lora import (
+    LoraBank,
     LoRAParam,
     Routing,
     attach_adapter,
@@ -19,7 +21,11 @@ from lsw_jax.adapters.lora import (
 )
 from lsw_jax.adapters.store import list_adapters, load_adapter, save_adapter
 from lsw_jax.config import AdapterConfig, ModelConfig
-from lsw_jax.convert.peft import export_peft_adapter, load_peft_adapter
+from lsw_jax.convert.peft import (
+    export_peft_adapter,
+    load_peft_adapter,
+    seed_switch_bank_from_peft,
+)
 
 
 def _randomise_banks(model, seed=0, std=0.05):
@@ -98,10 +104,6 @@ def test_switch_routing_shared_mola_per_layer(tiny):
 
 @pytest.mark.parametrize("shape", [(2, 4), (1, 1), (1, 2)])  # all-experts and gathered paths
 def test_dense_delta_matches_float64_loop(shape):
-    from flax import nnx
-
-    from lsw_jax.adapters.lora import LoraBank
-
     bank = LoraBank(12, 10, num_experts=5, rank=3, scale=0.7, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     bank.b.value = jnp.asarray(rng.normal(size=(5, 10, 3)), jnp.float32)
@@ -132,8 +134,6 @@ def test_load_balancing_loss_hand_computed():
 
 
 def test_gradients_reach_only_adapters(tiny):
-    from flax import nnx
-
     attach_adapter(tiny, AdapterConfig(kind="switch", num_experts=4, top_k=2))
     _randomise_banks(tiny)
 
@@ -240,8 +240,6 @@ def test_peft_export_roundtrip_and_store(hf_base, tmp_path):
 
 
 def test_peft_adapters_seed_switch_experts(hf_base, tmp_path):
-    from lsw_jax.convert.peft import seed_switch_bank_from_peft
-
     hf, root = hf_base
     kws = [
         dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

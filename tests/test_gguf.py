@@ -11,11 +11,14 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
+import lsw_jax  # noqa: E402
+from lsw_jax.cli import main  # noqa: E402
 from lsw_jax.convert.gguf import (  # noqa: E402
     gguf_hf_config,
     iter_gguf_tensors,
     unpermute_qk_from_gguf,
 )
+from lsw_jax.tokenizer import Tokenizer  # noqa: E402
 
 QT = gguf.GGMLQuantizationType
 
@@ -318,11 +321,7 @@ def test_smollm2_logits_and_generate_match_transformers(
     smollm2_path, transformers_model, tmp_path_factory
 ):
     """Our GGUF conversion + model vs transformers' own GGUF loader on the same file."""
-    import torch
-
-    import lsw_jax
-    from lsw_jax.cli import main
-    from lsw_jax.tokenizer import Tokenizer
+    import torch  # the transformers peer's; absent from some test environments
 
     ckpt = tmp_path_factory.mktemp("smol") / "ckpt"
     lsw_jax.convert_checkpoint(smollm2_path, ckpt, show_progress=False)

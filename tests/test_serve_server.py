@@ -18,9 +18,11 @@ from test_serve_fixtures import (
     make_tokenizer,
     prompts,
     reference_greedy,
+    tiny_checkpoint,
 )
 
-from lsw_jax.serve.server import Server
+from lsw_jax.cli import build_parser, parse_adapters
+from lsw_jax.serve.server import Server, build_server
 
 
 @contextlib.contextmanager
@@ -323,11 +325,7 @@ def test_openai_client(live):
 
 
 def test_cli_builds_a_server_from_a_checkpoint():
-    from starlette.testclient import TestClient
-    from test_serve_fixtures import tiny_checkpoint
-
-    from lsw_jax.cli import build_parser
-    from lsw_jax.serve.server import build_server
+    from starlette.testclient import TestClient  # uses httpx, a test-only dependency
 
     args = build_parser().parse_args(
         ["serve", "--ckpt", str(tiny_checkpoint()), "--adapters", "x=a1", "y=a3", "--slots", "2"]
@@ -341,6 +339,4 @@ def test_cli_builds_a_server_from_a_checkpoint():
         r = client.post("/v1/completions", json={"model": "x", "prompt": "w1 w2", "max_tokens": 40})
         assert r.status_code == 400 and "context is 32" in r.json()["error"]["message"]
     with pytest.raises(ValueError, match="NAME=PEFT_DIR_OR_STORED_NAME"):
-        from lsw_jax.cli import parse_adapters
-
         parse_adapters(["oops"])

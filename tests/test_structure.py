@@ -14,15 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("lsw_jax", "pallas_kernels")
 
-# Files whose function-local imports of the project are still to be hoisted (their owners
-# are rewriting them); every other file must import the project at module level.
-PENDING_LOCAL_IMPORTS = {
-    "lsw_jax/adapters/lora.py",
-    "lsw_jax/merged.py",
-    "lsw_jax/serve/engine.py",
-    "lsw_jax/serve/adapter_pool.py",
-}
-
 # Heavy or optional packages the core (model, generate, kernels, loading, CLI) must not need.
 OPTIONAL = ("gguf", "starlette", "uvicorn", "matplotlib", "torch")
 
@@ -76,8 +67,6 @@ def test_project_modules_are_imported_at_module_level():
     offenders = []
     for path in modules.values():
         rel = str(path.relative_to(ROOT))
-        if rel in PENDING_LOCAL_IMPORTS:
-            continue
         tree = ast.parse(path.read_text())
         offenders += [
             f"{rel}:{line} imports {mod}" for line, mod in _function_local_imports(tree, modules)

@@ -18,7 +18,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lsw_jax.adapters.lora import LoRAParam, attach_adapter, iter_linears
-from lsw_jax.checkpoint import atomic_directory
+from lsw_jax.checkpoint import (
+    CheckpointError,
+    absolute,
+    atomic_directory,
+    check_stored_tree,
+    tree_checksums,
+    verify_tree_checksums,
+)
 from lsw_jax.config import ALL_TARGETS, AdapterConfig
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -47,10 +54,14 @@ def adapter_layout(model: Any) -> dict[str, Any]:
 
 def save_adapter(model: Any, ckpt: str | Path, name: str, *, overwrite: bool = False) -> Path:
     """Store the model's attached adapter under ``ckpt/adapters/<name>`` atomically."""
-    dst = Path(ckpt) / "adapters" / check_adapter_name(name)
+    dst = absolute(ckpt) / "adapters" / check_adapter_name(name)
     layout = adapter_layout(model)
     state = jax.tree.map(np.asarray, nnx.state(model, LoRAParam).to_pure_dict())
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
+    stored = lambda p: (p / "adapter.json").exists()
+    layout["checksums"] = tree_checksums(state)
+    with atomic_directory(
+        dst, overwrite=overwrite, replaces=stored, what="a stored adapter"
+    ) as tmp:
         (tmp / "adapter.json").write_text(json.dumps(layout, indent=2))
         with ocp.StandardCheckpointer() as ck:
             ck.save(tmp / "state", state)
@@ -58,11 +69,14 @@ def save_adapter(model: Any, ckpt: str | Path, name: str, *, overwrite: bool = F
 
 
 def _attach_layout(model: Any, layout: dict[str, Any], source: str) -> None:
-    cfg = AdapterConfig.from_dict(layout["config"])
-    ranks, scales = {}, {}
-    for key, m in layout["modules"].items():
-        i, name = key.split(".")
-        ranks[(int(i), name)], scales[(int(i), name)] = int(m["rank"]), float(m["scale"])
+    try:
+        cfg = AdapterConfig.from_dict(layout["config"])
+        ranks, scales = {}, {}
+        for key, m in layout["modules"].items():
+            i, name = key.split(".")
+            ranks[(int(i), name)], scales[(int(i), name)] = int(m["rank"]), float(m["scale"])
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{source}/adapter.json: invalid adapter layout: {e!r}") from None
     attach_adapter(model, cfg, ranks=ranks, scales=scales)
     for i, name, lin in iter_linears(model, cfg.targets):
         if (i, name) not in ranks:
@@ -72,22 +86,48 @@ def _attach_layout(model: Any, layout: dict[str, Any], source: str) -> None:
             raise ValueError(f"{source}: module {i}.{name} does not exist in this model")
 
 
-def load_adapter(model: Any, ckpt: str | Path, name: str) -> Any:
-    """Attach the adapter stored as ``name`` in ``ckpt`` (in place)."""
-    src = Path(ckpt) / "adapters" / check_adapter_name(name)
+def _host_target(x: jax.ShapeDtypeStruct) -> np.ndarray:
+    return np.empty(x.shape, x.dtype)  # restore to host: checksums read host memory
+
+
+def _read_layout(path: Path) -> dict[str, Any]:
+    try:
+        layout = json.loads(path.read_text())
+        if not isinstance(layout.get("config"), dict) or not isinstance(
+            layout.get("modules"), dict
+        ):
+            raise ValueError("expected an object with 'config' and 'modules' objects")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable adapter layout: {e}") from None
+    return layout
+
+
+def load_adapter(model: Any, ckpt: str | Path, name: str, *, verify_checksums: bool = True) -> Any:
+    """Attach the adapter stored as ``name`` in ``ckpt`` (in place). Stored shapes must be
+    the layout's (a CheckpointError otherwise) and, unless ``verify_checksums=False``,
+    every array's crc32 the one recorded when it was saved."""
+    src = absolute(ckpt) / "adapters" / check_adapter_name(name)
     if not (src / "adapter.json").exists():
         have = list_adapters(ckpt)
         raise FileNotFoundError(f"{ckpt}: no adapter named {name!r} (stored: {have or 'none'})")
-    _attach_layout(model, json.loads((src / "adapter.json").read_text()), str(src))
+    layout = _read_layout(src / "adapter.json")
+    _attach_layout(model, layout, str(src))
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
         nnx.state(model, LoRAParam).to_pure_dict(),
     )
     with ocp.StandardCheckpointer() as ck:
         try:
-            restored = ck.restore(src / "state", target)
+            stored = ck.metadata(src / "state").item_metadata.tree
+        except Exception as e:  # orbax raises many types; name the folder and the cause
+            raise CheckpointError(f"{src / 'state'}: unreadable Orbax metadata: {e}") from None
+        check_stored_tree(stored, target, src / "state")
+        try:
+            restored = ck.restore(src / "state", jax.tree.map(_host_target, target))
         except Exception as e:
-            raise ValueError(f"{src}: adapter weights do not fit this model: {e}") from e
+            raise CheckpointError(f"{src}: cannot restore adapter weights: {e}") from e
+    if verify_checksums and layout.get("checksums"):
+        verify_tree_checksums(restored, layout["checksums"], src / "state")
     state = nnx.state(model, LoRAParam)
     state.replace_by_pure_dict(jax.tree.map(jax.numpy.asarray, restored))
     nnx.update(model, state)

@@ -37,11 +37,69 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     return None
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_rank(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_pattern(cfg: dict[str, Any], field: str, ok: Any, want: str, path: Path) -> None:
+    patterns = cfg.get(field)
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        raise ValueError(
+            f"{path}: field {field!r} must be an object {{module pattern: {want}}}, "
+            f"got {type(patterns).__name__} {patterns!r:.80}"
+        )
+    for key, value in patterns.items():
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"{path}: {field} pattern {key!r} is not a regex: {e}") from None
+        if not ok(value):
+            raise ValueError(f"{path}: {field}[{key!r}] = {value!r}, expected {want}")
+
+
+def _check_fields(cfg: Any, path: Path) -> None:
+    """Types and ranges of the fields we read; PEFT's own defaults when absent."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    if "r" in cfg and not _is_rank(cfg["r"]):
+        raise ValueError(f"{path}: field 'r' = {cfg['r']!r}, expected a positive integer")
+    if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
+        raise ValueError(
+            f"{path}: field 'lora_alpha' = {cfg['lora_alpha']!r}, expected a finite number"
+        )
+    _check_pattern(cfg, "rank_pattern", _is_rank, "a positive integer", path)
+    _check_pattern(cfg, "alpha_pattern", _is_number, "a finite number", path)
+    if cfg.get("use_rslora") not in (None, True, False):
+        raise ValueError(f"{path}: field 'use_rslora' = {cfg['use_rslora']!r}, expected a bool")
+    targets = cfg.get("target_modules")
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise ValueError(
+            f"{path}: field 'target_modules' = {targets!r:.80}, expected a string or a list "
+            "of strings"
+        )
+
+
 def read_peft_config(folder: Path) -> dict[str, Any]:
+    """The checked adapter_config.json of a PEFT folder: a ValueError names the file and
+    the field for a value we would misread, and what PEFT can express that we do not."""
     path = folder / "adapter_config.json"
     if not path.exists():
         raise FileNotFoundError(f"{folder}: not a PEFT adapter (no adapter_config.json)")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read: {e}") from None
+    _check_fields(cfg, path)
     refusals = []
     if cfg.get("peft_type", "LORA") != "LORA":
         refusals.append(f"peft_type={cfg.get('peft_type')!r} (only LORA is supported)")
@@ -80,7 +138,7 @@ def read_peft_adapter(
         if module not in ALL_TARGETS or layer >= num_layers:
             raise ValueError(f"{weights}: tensor {name!r} names no module of this model")
         parts.setdefault((layer, module), {})[which] = np.asarray(arr, np.float32)
-    r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    r0, alpha0 = cfg.get("r", 8), float(cfg.get("lora_alpha", 8))  # PEFT's defaults
     rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     out = {}
     for (layer, module), ab in sorted(parts.items()):

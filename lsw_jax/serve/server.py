@@ -5,11 +5,17 @@ as server-sent events ``data: {...}`` ending ``data: [DONE]``), ``GET /v1/models
 base model and every adapter; a request's ``model`` field picks the adapter), ``GET
 /health``, ``GET /metrics`` (Prometheus text).
 
-The engine runs in its own thread; handlers only validate, tokenize, submit and await
-an asyncio queue the engine fills through ``loop.call_soon_threadsafe``, so the event
-loop never blocks on JAX. A client that disconnects cancels its request, which frees the
-request's row at the engine's next step. Errors are JSON ``{"error": {"message", "type",
-"param", "code"}}`` with a 4xx status.
+The engine runs in its own thread; handlers read the body, hand parsing, validation
+(``api_schema``) and tokenization to a small thread pool, submit, and await an asyncio
+queue the engine fills through ``loop.call_soon_threadsafe``: the event loop never blocks
+on JAX or on a large prompt. A client that disconnects cancels its request, which frees
+the request's row at the engine's next step. Errors are JSON ``{"error": {"message",
+"type", "param", "code"}}`` with a 4xx status.
+
+What one client may cost is bounded by ``HttpLimits``: body size (413, from Content-Length
+or while streaming in), body and header read deadlines (408 / disconnect), keep-alive idle
+time, open connections (503); ``run_server`` refuses a non-loopback host without an API key
+unless told otherwise.
 
 Extensions beyond OpenAI's fields: ``top_k``, ``stop_token_ids``, ``ignore_eos``, and
 ``token_ids`` (the generated ids) in each non-streamed choice; a prompt may be token ids.
@@ -18,8 +24,14 @@ Extensions beyond OpenAI's fields: ``top_k``, ``stop_token_ids``, ``ignore_eos``
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
+import functools
+import hmac
+import ipaddress
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -27,34 +39,73 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from lsw_jax.checkpoint import absolute
 from lsw_jax.loading import load_model, load_tokenizer
 from lsw_jax.serve.adapter_pool import AdapterPool, read_adapter
-from lsw_jax.serve.engine import Engine, Request, SamplingParams
+from lsw_jax.serve.api_schema import (
+    ApiError,
+    flag,
+    parse_body,
+    sampling_params,
+    stop_strings,
+    token_ids,
+)
+from lsw_jax.serve.engine import Engine, Request
 
-MAX_BODY_BYTES = 4 << 20
+try:  # the HTTP stack is optional: hosts that only generate (the GPU machines) lack it
+    from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError:  # Server() says what to install
+    Starlette = None
+
+log = logging.getLogger("lsw_jax.serve")
 
 
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+@dataclasses.dataclass(frozen=True)
+class HttpLimits:
+    """What one client may cost the server before it is refused or disconnected."""
+
+    max_body_bytes: int = 4 << 20  # 413, checked against Content-Length and while reading
+    body_timeout_s: float = 30.0  # 408 when the whole body has not arrived by then
+    header_timeout_s: float = 10.0  # a connection whose request headers are not complete
+    # by then (from connecting, or from the end of its previous response) is closed
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 1024  # 503 for requests past this many open connections/tasks
+    max_json_depth: int = 32  # 400 for JSON nested deeper than this
+    tokenizer_threads: int = 4  # parsing and tokenization run here, off the event loop
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"{f.name}={getattr(self, f.name)} must be > 0")
 
 
-def _error_response(e: ApiError):
-    from starlette.responses import JSONResponse
+_ERROR_TYPES = {
+    401: "authentication_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
 
-    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+def _error_response(e: ApiError) -> Response:
     body = {
         "error": {
             "message": e.message,
-            "type": kind.get(e.status, "invalid_request_error"),
+            "type": _ERROR_TYPES.get(e.status, "invalid_request_error"),
             "param": e.param,
             "code": e.code,
         }
     }
-    return JSONResponse(body, status_code=e.status)
+    # The client may still be sending a body we will not read: close, do not reuse.
+    headers = {"connection": "close"} if e.status in (408, 413) else None
+    # ASCII JSON: the message may quote the client's text, even invalid Unicode.
+    return Response(
+        json.dumps(body), status_code=e.status, headers=headers, media_type="application/json"
+    )
 
 
 # ---------------------------------------------------------------------- metrics
@@ -90,8 +141,10 @@ class Metrics:
             registry=r,
         )
 
-    def finished(self, req: Request) -> None:
-        self.requests.labels(req.finish_reason).inc()
+    def finished(self, req: Request, reason: str) -> None:
+        """Count a finished request; ``reason`` is what the client was told ("stop" for a
+        stop string, which the engine sees as a cancellation)."""
+        self.requests.labels(reason).inc()
         self.prompt_tokens.inc(len(req.prompt))
         self.gen_tokens.inc(len(req.output))
         if req.first_token_at is not None:
@@ -115,76 +168,20 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-# ---------------------------------------------------------------------- request parsing
-
-
-def _num(body: dict, name: str, default: Any, kind: type, lo: float, hi: float) -> Any:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
-        raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}", name)
-    if not lo <= v <= hi:
-        raise ApiError(400, f"'{name}'={v} must be between {lo} and {hi}", name)
-    return kind(v)
-
-
-def _sampling(body: dict, max_tokens_default: int, limit: int) -> SamplingParams:
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n=1 is supported", "n")
-    if body.get("best_of", 1) not in (1, None):
-        raise ApiError(400, "best_of is not supported", "best_of")
-    if body.get("logprobs") not in (None, False, 0):
-        raise ApiError(400, "logprobs are not supported", "logprobs")
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    mt = _num(body, name, max_tokens_default, int, 1, 1 << 30)
-    if mt > limit:
-        raise ApiError(400, f"'{name}'={mt} is too large: this server's context is {limit}", name)
-    stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
-    ):
-        raise ApiError(400, "'stop_token_ids' must be a list of integers", "stop_token_ids")
-    return SamplingParams(
-        max_tokens=mt,
-        temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
-        top_p=_num(body, "top_p", 1.0, float, 1e-9, 1.0),
-        top_k=_num(body, "top_k", 0, int, 0, 1 << 20),
-        seed=_num(body, "seed", 0, int, -(1 << 63), (1 << 64) - 1),
-        stop_token_ids=tuple(stop_ids),
-        ignore_eos=bool(body.get("ignore_eos", False)),
-    )
-
-
-def _stops(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if (
-        not isinstance(stop, list)
-        or not all(isinstance(s, str) and s for s in stop)
-        or len(stop) > 4
-    ):
-        raise ApiError(
-            400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop"
-        )
-    return stop
-
-
 class _Detok:
     """Incremental detokenizer: the text of all tokens so far, emitted as deltas."""
 
     def __init__(self, tokenizer: Any):
         self.tok, self.ids, self.sent = tokenizer, [], ""
 
-    def push(self, ids: list[int]) -> str:
+    def push(self, ids: list[int], *, final: bool = False) -> str:
+        """The new text; ``final``: the last call, which emits an unfinished UTF-8
+        sequence as U+FFFD rather than dropping it."""
         self.ids += ids
         if self.tok is None:
             return ""
         text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+        if text.endswith("\ufffd") and not final:  # incomplete UTF-8: wait for more bytes
             return ""
         delta, self.sent = text[len(self.sent) :], text
         return delta
@@ -194,6 +191,8 @@ class _Detok:
 
 
 class Server:
+    """The HTTP app (``self.app``) over one engine; ``limits`` bound what a client may cost."""
+
     def __init__(
         self,
         engine: Engine,
@@ -202,16 +201,20 @@ class Server:
         model_id: str = "base",
         api_key: str | None = None,
         max_tokens_default: int = 16,
+        limits: HttpLimits = HttpLimits(),
+        vocab_size: int | None = None,
     ):
+        if Starlette is None:
+            raise ImportError("serving needs starlette and uvicorn: pip install starlette uvicorn")
         self.engine, self.tokenizer, self.model_id = engine, tokenizer, model_id
         self.api_key, self.max_tokens_default = api_key, max_tokens_default
+        self.limits = limits
+        self.vocab_size = vocab_size or engine.cfg.vocab_size
         self.metrics = Metrics(engine)
+        self._workers: concurrent.futures.ThreadPoolExecutor | None = None
         self.app = self._build()
 
-    def _build(self):
-        from starlette.applications import Starlette
-        from starlette.routing import Route
-
+    def _build(self) -> Starlette:
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_route, methods=["GET"]),
@@ -222,9 +225,13 @@ class Server:
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
+            self._workers = concurrent.futures.ThreadPoolExecutor(
+                self.limits.tokenizer_threads, thread_name_prefix="lsw-http"
+            )
             self.engine.start()
             yield
             self.engine.stop()
+            self._workers.shutdown(wait=False, cancel_futures=True)
 
         return Starlette(routes=routes, lifespan=lifespan)
 
@@ -232,21 +239,41 @@ class Server:
     def _check_auth(self, request) -> None:
         if self.api_key is None:
             return
-        auth = request.headers.get("authorization", "")
-        if auth != f"Bearer {self.api_key}":
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # The scheme is case-insensitive (RFC 9110); compare the key in constant time.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
             raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')")
 
-    async def _body(self, request) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"malformed JSON body: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the JSON body must be an object")
-        return body
+    async def _read_body(self, request) -> bytes:
+        """The body, refused (413) as soon as it is known to exceed the limit — from its
+        Content-Length before reading, else while it streams in — or when it has not
+        fully arrived within the body timeout (408)."""
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ApiError(400, f"invalid Content-Length {declared[:40]!r}")
+            if int(declared) > limit:
+                raise ApiError(413, f"request body of {declared} bytes exceeds {limit} bytes")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.body_timeout_s
+        chunks, size = [], 0
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), deadline - loop.time())
+            except StopAsyncIteration:
+                return b"".join(chunks)
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    408, f"request body not received within {self.limits.body_timeout_s} s"
+                ) from None
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
 
     def _adapter(self, body: dict) -> tuple[str, str | None]:
         model = body.get("model", self.model_id)
@@ -280,26 +307,38 @@ class Server:
         if isinstance(prompt, list) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
-            return list(prompt)
+            return token_ids(prompt, "prompt", self.vocab_size)
         raise ApiError(
             400, "'prompt' must be a string or a list of token ids (one prompt)", "prompt"
         )
 
+    def _prepare(
+        self, raw: bytes, chat: bool
+    ) -> tuple[str, str | None, list[int], Any, list, bool]:
+        """Parse, validate and tokenize a request body (on a worker thread: a 4 MB prompt
+        takes seconds to tokenize). Returns (model, adapter, ids, params, stops, stream)."""
+        body = parse_body(raw, self.limits.max_json_depth)
+        model, adapter = self._adapter(body)
+        if chat:
+            ids = self._chat_ids(body.get("messages"))
+        else:
+            if "prompt" not in body:
+                raise ApiError(400, "'prompt' is required", "prompt")
+            ids = self._prompt_ids(body["prompt"])
+        params = sampling_params(
+            body, self.max_tokens_default, self.engine.max_len, self.vocab_size
+        )
+        return model, adapter, ids, params, stop_strings(body), flag(body, "stream")
+
     # ------------------------------------------------------------------ routes
     async def health(self, request):
-        from starlette.responses import JSONResponse
-
         ok = self.engine._thread is not None and self.engine._thread.is_alive()
         return JSONResponse({"status": "ok" if ok else "stopped"}, status_code=200 if ok else 503)
 
     async def metrics_route(self, request):
-        from starlette.responses import Response
-
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def models(self, request):
-        from starlette.responses import JSONResponse
-
         try:
             self._check_auth(request)
         except ApiError as e:
@@ -330,19 +369,12 @@ class Server:
     async def _handle(self, request, *, chat: bool):
         try:
             self._check_auth(request)
-            body = await self._body(request)
-            model, adapter = self._adapter(body)
-            if chat:
-                ids = self._chat_ids(body.get("messages"))
-            else:
-                if "prompt" not in body:
-                    raise ApiError(400, "'prompt' is required", "prompt")
-                ids = self._prompt_ids(body["prompt"])
-            params = _sampling(body, self.max_tokens_default, self.engine.max_len)
-            stops = _stops(body)
-            stream = body.get("stream", False)
-            if not isinstance(stream, bool):
-                raise ApiError(400, "'stream' must be true or false", "stream")
+            raw = await self._read_body(request)
+            work = functools.partial(self._prepare, raw, chat)
+            loop = asyncio.get_running_loop()
+            model, adapter, ids, params, stops, stream = await loop.run_in_executor(
+                self._workers, work
+            )
             call = _Call(self, request, chat, model, stops)
             req = Request(ids, params, adapter=adapter, sink=call.sink)
             call.req = req
@@ -355,9 +387,9 @@ class Server:
         except ApiError as e:
             self.metrics.rejected.labels(str(e.status)).inc()
             return _error_response(e)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            return Response(status_code=499)
         if stream:
-            from starlette.responses import StreamingResponse
-
             return StreamingResponse(call.sse(), media_type="text/event-stream")
         return await call.complete()
 
@@ -406,7 +438,8 @@ class _Call:
 
     def sink(self, req: Request, tokens: list[int], finished: bool) -> None:  # engine thread
         if finished:
-            self.server.metrics.finished(req)
+            reason = "stop" if self.stopped_by_string else req.finish_reason
+            self.server.metrics.finished(req, reason)
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (list(tokens), finished))
         except RuntimeError:  # the event loop is gone (shutdown)
@@ -416,7 +449,7 @@ class _Call:
         """Yield text deltas; returns when the request finished or hit a stop string."""
         while True:
             tokens, finished = await self.queue.get()
-            delta = self.detok.push(tokens) if tokens else ""
+            delta = self.detok.push(tokens, final=finished) if tokens or finished else ""
             if delta and self.stops:
                 full = self.text + delta
                 cut = min((i for i in (full.find(s) for s in self.stops) if i >= 0), default=-1)
@@ -483,8 +516,6 @@ class _Call:
                 self.server.engine.cancel(self.req)  # the client went away
 
     async def complete(self):
-        from starlette.responses import JSONResponse, Response
-
         async def collect():
             async for _ in self.deltas():
                 pass
@@ -552,6 +583,8 @@ def build_server(
     dtype: str | None = None,
     model_id: str | None = None,
     max_waiting: int = 256,
+    verify_checksums: bool = True,
+    limits: HttpLimits = HttpLimits(),
 ) -> Server:
     """Load a checkpoint (and its tokenizer), attach an adapter pool, wrap it in a Server.
 
@@ -560,8 +593,8 @@ def build_server(
     grown to the largest registered adapter; ``pool_max_experts`` / ``pool_top_k`` bound
     what it accepts (adapters given here raise them as needed).
     """
-    ckpt = Path(ckpt)
-    model = load_model(ckpt, dtype=dtype)
+    ckpt = absolute(ckpt)
+    model = load_model(ckpt, dtype=dtype, verify_checksums=verify_checksums)
     tok = load_tokenizer(ckpt)
     pool = None
     if adapters:
@@ -589,11 +622,106 @@ def build_server(
         max_waiting=max_waiting,
         eos_token_ids=eos,
     )
-    return Server(engine, tokenizer=tok, model_id=model_id or ckpt.name, api_key=api_key)
+    return Server(
+        engine,
+        tokenizer=tok,
+        model_id=model_id or ckpt.name,
+        api_key=api_key,
+        limits=limits,
+        vocab_size=model.cfg.vocab_size,
+    )
 
 
-def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve ``server.app`` with uvicorn until interrupted."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(server: Server, host: str, *, allow_unauthenticated: bool = False) -> None:
+    """Refuse to listen beyond loopback without an API key unless asked to, and then say
+    so loudly: anyone who can reach the port could use (and load) the server."""
+    if is_loopback(host) or server.api_key is not None:
+        return
+    message = (
+        f"serving on {host} without an API key: anyone who can reach this port can run "
+        "requests on it"
+    )
+    if not allow_unauthenticated:
+        raise ValueError(
+            f"{message}; pass --api-key KEY (or set LSW_JAX_API_KEY), or "
+            "--allow-unauthenticated to accept that"
+        )
+    log.warning("WARNING: %s (--allow-unauthenticated)", message)
+
+
+def uvicorn_server(
+    server: Server, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+):
+    """A ``uvicorn.Server`` for ``server.app`` with its HttpLimits applied: header deadline,
+    keep-alive timeout and connection limit (the body limits live in the app)."""
     import uvicorn  # optional at import time: hosts that only generate need not have it
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    uvicorn.run(server.app, host=host, port=port, log_level="info")
+    header_timeout = server.limits.header_timeout_s
+
+    class Protocol(H11Protocol):
+        """uvicorn's h11 protocol with a deadline on request headers: a client that
+        connects (or finishes a response) and does not complete its next request's
+        headers in time is disconnected, so slow-header clients cannot pile up."""
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def _arm_header_deadline(self) -> None:
+            self._header_deadline = self.loop.call_later(header_timeout, self._header_expired)
+
+        def _header_expired(self) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers arrived
+                self._header_deadline.cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._header_deadline.cancel()
+                self._arm_header_deadline()
+
+        def connection_lost(self, exc) -> None:
+            self._header_deadline.cancel()
+            super().connection_lost(exc)
+
+    config = uvicorn.Config(
+        server.app,
+        host=host,
+        port=port,
+        http=Protocol,
+        log_level=log_level,
+        timeout_keep_alive=server.limits.keep_alive_s,
+        limit_concurrency=server.limits.max_connections,
+        h11_max_incomplete_event_size=64 << 10,  # headers larger than this: 400
+    )
+    return uvicorn.Server(config)
+
+
+def run_server(
+    server: Server,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    allow_unauthenticated: bool = False,
+) -> None:
+    """Serve until interrupted (see ``check_exposure`` and ``uvicorn_server``)."""
+    check_exposure(server, host, allow_unauthenticated=allow_unauthenticated)
+    uvicorn_server(server, host=host, port=port).run()
