@@ -492,21 +492,27 @@ class Engine:
         then loads them from it instead of compiling."""
         self._sync_state()
         limit = max_prompt_len or self.max_len
+        static = dict(k_max=self._k_max, num_logprobs=0, prompt_logprobs=False)
         for p in self.prefill_lens:
             if p > limit and p != self.prefill_lens[0]:
                 break
             for r in self.prefill_rows:
                 args = self._prefill_args([], p, r)
                 if p * r <= run_tokens:
-                    _, _, _, self.cache = _prefill_insert(*args, k_max=self._k_max)
+                    _, _, _, self.cache = _prefill_insert(*args, **static)
                 elif jax.config.jax_enable_compilation_cache:
-                    _prefill_insert.lower(*args, k_max=self._k_max).compile()
-        modes = [Plan.DENSE] if self.pool is None else [Plan.UNMERGED]
-        if self.pool is not None and self.scheduler.policy != "unmerged":
-            modes.append(Plan.MERGED)
-        for mode in modes:
-            weights = self._unmerged if mode is Plan.UNMERGED else None
-            self._run_decode([None] * self.slots, np.zeros((self.slots,), np.int32), mode, weights)
+                    _prefill_insert.lower(*args, **static).compile()
+        idle = ([None] * self.slots, np.zeros((self.slots,), np.int32))
+        if self.pool is None:
+            self._run_decode(*idle, Plan.DENSE, None)
+            return
+        self._run_decode(*idle, Plan.UNMERGED, self._unmerged)
+        if self.scheduler.policy != "unmerged":  # merged steps: base weights, and an adapter's
+            self._run_decode(*idle, Plan.MERGED, None)
+            self._merged = _create_merged(self.graphdef, self.state, self._unmerged)
+            selection = (jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32))
+            self._merged = _merge(self._merged, selection)  # gate 0: nothing merged
+            self._run_decode(*idle, Plan.MERGED, self._merged)
         jax.block_until_ready(self.cache.k[0])
 
     # ------------------------------------------------------------------ one step
