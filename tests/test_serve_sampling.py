@@ -146,15 +146,20 @@ def test_penalties_and_bias_in_the_engine_equal_a_host_reference_decode(engine):
     p = prompts(1, 54)[0]
     r = engine.submit(Request(p, sp, adapter="a3"))
     engine.run_until_idle()
-    out: list[int] = []
-    while len(out) < 8:
-        logits = np.asarray(reference_model("a3")(np.asarray([p + out])), np.float64)[0, -1]
-        t = int(np.argmax(_reference_adjust(logits, sp, p, out, (EOS_ID,))))
-        out.append(t)
-        if t == EOS_ID:
-            break
-    assert r.output == out
+    assert r.output == reference_adjusted_greedy(p, "a3", sp)
     assert EOS_ID not in r.output[:5]
+
+
+def reference_adjusted_greedy(prompt, adapter, sp) -> list[int]:
+    """Greedy decoding with ``_reference_adjust`` on full-forward logits at every step."""
+    out: list[int] = []
+    while len(out) < sp.max_tokens:
+        logits = np.asarray(reference_model(adapter)(np.asarray([prompt + out])), np.float64)
+        t = int(np.argmax(_reference_adjust(logits[0, -1], sp, prompt, out, (EOS_ID,))))
+        out.append(t)
+        if t in sp.stop_ids((EOS_ID,)):
+            break
+    return out
 
 
 # ---------------------------------------------------------------- stop strings

@@ -26,10 +26,12 @@ from lsw_jax.serve.server import Server, build_server
 
 
 @contextlib.contextmanager
-def serving(*, api_key=None, step_delay=0.0, **engine_kw):
+def serving(*, api_key=None, step_delay=0.0, before_start=None, **engine_kw):
     import uvicorn
 
     eng = make_engine(**engine_kw)
+    if before_start is not None:
+        before_start(eng)
     if step_delay:
         step = eng.step
         eng.step = lambda: (time.sleep(step_delay), step())[1]
