@@ -1,7 +1,8 @@
 """EleutherAI lm-evaluation-harness against the server (``local-completions``, with the
 server's own /tokenize as its tokenizer) and against transformers (``hf``, loading the same
 SmolLM2 GGUF): a multiple-choice log-likelihood task and a generate-until task, defined from
-local JSONL files, give the same scores, per-item log-likelihoods and generations."""
+local JSONL files, give the same scores, per-item log-likelihoods and generations; so do a
+rolling perplexity task and ``lsw-jax eval``'s own scoring (``lsw_jax.evaluate``)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import lsw_jax
+from lsw_jax.data import MultipleChoice
+from lsw_jax.evaluate import multiple_choice, perplexity
+from lsw_jax.loading import load_tokenizer
 from lsw_jax.serve.server import build_server, uvicorn_server
+
+TASKS = ["lsw_mc", "lsw_gen", "lsw_ppl"]
 
 MC = [
     ("The capital of France is", ["Paris", "London", "Berlin", "Madrid"], 0),
@@ -37,6 +44,16 @@ GEN = [
     ("What is the largest planet in our solar system?", " Jupiter"),
     ("Who wrote Romeo and Juliet?", " William Shakespeare"),
 ]
+TEXTS = [
+    "The river had been rising for three days, and by the morning of the fourth the lower "
+    "fields were under water. The farmers moved their animals to the high pasture and "
+    "stacked sandbags along the road, while the children watched from the bridge as "
+    "branches and whole trees drifted past toward the sea. By evening the rain had stopped, "
+    "but the water kept climbing, and the old miller said he had never seen it so high.",
+    "A hash map stores values under keys. It computes a hash of each key to pick a bucket, "
+    "so that looking a key up takes about the same time however many entries there are.",
+]
+WINDOW = 64  # tokens per rolling window: the longer text needs three
 
 
 def _tasks(root):
@@ -46,7 +63,15 @@ def _tasks(root):
     with open(root / "gen.jsonl", "w") as f:
         for q, a in GEN:
             f.write(json.dumps({"question": f"Question: {q}\nAnswer:", "answer": a}) + "\n")
+    with open(root / "ppl.jsonl", "w") as f:
+        for t in TEXTS:
+            f.write(json.dumps({"text": t}) + "\n")
     common = "dataset_path: json\ntest_split: test\n"
+    (root / "ppl.yaml").write_text(
+        f"task: lsw_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {root}/ppl.jsonl\n"
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+    )
     (root / "mc.yaml").write_text(
         f"task: lsw_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {root}/mc.jsonl\n"
         "output_type: multiple_choice\n"
@@ -101,8 +126,9 @@ def test_lm_eval_local_completions_equals_hf_backend(smollm2_path, tmp_path, mon
                 "num_concurrent": 1,
                 "max_retries": 1,
                 "batch_size": 4,  # prompts as a list of token-id lists
+                "max_length": WINDOW + 2,  # the API model's rolling windows: max_length - 2
             },
-            tasks=["lsw_mc", "lsw_gen"],
+            tasks=TASKS,
             task_manager=tasks,
             log_samples=True,
         )
@@ -116,8 +142,9 @@ def test_lm_eval_local_completions_equals_hf_backend(smollm2_path, tmp_path, mon
             "gguf_file": smollm2_path.name,
             "dtype": "float32",
             "device": "cpu",
+            "max_length": WINDOW,
         },
-        tasks=["lsw_mc", "lsw_gen"],
+        tasks=TASKS,
         task_manager=tasks,
         log_samples=True,
         batch_size=1,
@@ -137,3 +164,18 @@ def test_lm_eval_local_completions_equals_hf_backend(smollm2_path, tmp_path, mon
     assert gens == [s["resps"] for s in hf["samples"]["lsw_gen"]]
     assert sum(g[0][0] != "" for g in gens) >= 3  # the model says something
     assert api["results"]["lsw_mc"]["acc,none"] >= 0.5  # and knows some answers
+    ppl = [s["resps"][0][0] for s in hf["samples"]["lsw_ppl"]]
+    np.testing.assert_allclose(
+        [s["resps"][0][0] for s in api["samples"]["lsw_ppl"]], ppl, rtol=1e-4
+    )
+
+    # `lsw-jax eval` (lsw_jax.evaluate) scores as lm-eval does: same acc, same log-likelihoods.
+    model, tok = lsw_jax.load_model(ckpt, dtype="float32"), load_tokenizer(ckpt)
+    items = [MultipleChoice(q, tuple(c), a) for q, c, a in MC]
+    ours = multiple_choice(model, tok, items)
+    assert ours["acc"] == hf["results"]["lsw_mc"]["acc,none"]
+    assert ours["acc_norm"] == hf["results"]["lsw_mc"]["acc_norm,none"]
+    for text, want in zip(TEXTS, ppl, strict=True):
+        got = perplexity(model, tok, [text], max_len=WINDOW)
+        assert got["tokens"] == len(tok.encode(text, add_special_tokens=False))
+        np.testing.assert_allclose(-got["nll_per_token"] * got["tokens"], want, rtol=1e-4)
