@@ -5,9 +5,12 @@ Oracles: ``generate`` on a model with the adapter attached, a full forward's log
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import importlib.util
 import json
 import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -28,6 +31,7 @@ from lsw_jax.sampling import SamplingParams
 openai = pytest.importorskip("openai")
 
 TOK = make_tokenizer()
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "load_http.py"
 
 
 @pytest.fixture(scope="module")
@@ -320,3 +324,19 @@ def test_health_says_starting_until_warm_and_requests_wait():
 def _gate_warm_up(eng, release):
     real = eng.warm_up
     eng.warm_up = lambda: (release.wait(30), real())[1]
+
+
+def test_the_load_script_drives_the_server(live):
+    """scripts/load_http.py (the documented load tool): concurrent streamed requests over
+    the base model and an adapter, all answered, usage counted from the stream."""
+    url, _, _ = live
+    spec = importlib.util.spec_from_file_location("load_http", SCRIPT)
+    load_http = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_http)
+    args = load_http.argparse.Namespace(
+        url=url + "/v1", api_key="k3y", models=["tiny", "a1"], requests=6, rate=0.0,
+        concurrency=4, prompt_words=5, max_tokens=4, seed=0,
+    )  # fmt: skip
+    res = asyncio.run(load_http.run(args))
+    assert res["errors"] == [] and res["ok"] == 6 and res["mean_tokens"] == 4
+    assert res["ttft_s"]["p50"] > 0 and res["output_tokens_per_s"] > 0
