@@ -285,18 +285,20 @@ def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
     return (*out, hi)
 
 
-def _logprob_entries(lp: Any, i: int, tokens: list[int], n: int, first: int = 0) -> list:
-    """Host TokenLogprob records of row ``i`` (positions ``first..`` of a [R, T] result, or
-    the row of a [R] one), keeping the top ``n``."""
-    chosen, ids, lps = (np.asarray(x[i]) for x in (lp.chosen, lp.top_ids, lp.top_logprobs))
+def _host_logprobs(lp: TokenLogprobs | None) -> TokenLogprobs | None:
+    """One device-to-host copy per step (indexing device arrays per row would dispatch)."""
+    return None if lp is None else jax.tree.map(np.asarray, jax.device_get(lp))
+
+
+def _logprob_entries(lp: TokenLogprobs, i: int, tokens: list[int], n: int) -> list:
+    """Host TokenLogprob records of row ``i`` of a host ``lp`` (positions 0.. of a [R, T]
+    result, or the row of a [R] one), keeping the top ``n``."""
+    chosen, ids, lps = lp.chosen[i], lp.top_ids[i], lp.top_logprobs[i]
     if chosen.ndim == 0:
         chosen, ids, lps = chosen[None], ids[None], lps[None]
+    ids, lps = ids[: len(tokens), :n].tolist(), lps[: len(tokens), :n].tolist()
     return [
-        TokenLogprob(
-            t,
-            float(chosen[first + j]),
-            tuple(zip(ids[first + j, :n].tolist(), lps[first + j, :n].tolist(), strict=True)),
-        )
+        TokenLogprob(t, float(chosen[j]), tuple(zip(ids[j], lps[j], strict=True)))
         for j, t in enumerate(tokens)
     ]
 
@@ -697,6 +699,7 @@ class Engine:
             prompt_logprobs=any(want_prompt),
         )
         self.stats["prefills"] += 1
+        lp, prompt_lp = _host_logprobs(lp), _host_logprobs(prompt_lp)
         for i, req in enumerate(chunk):
             if want_prompt[i]:
                 n = req.params.logprobs or 0
@@ -792,7 +795,7 @@ class Engine:
             k_max=self._k_max,
             num_logprobs=logprob_bucket(self._max_logprobs(reqs)),
         )
-        return np.asarray(nxt), lp
+        return np.asarray(nxt), _host_logprobs(lp)
 
     def _emit(
         self, reqs: list[Request], toks: np.ndarray, lp: Any, lp_rows: list[int] | None = None

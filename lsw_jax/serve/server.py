@@ -181,6 +181,7 @@ class Job:
     model: str
     adapter: str | None
     prompts: list[list[int]]
+    prompt_texts: list[str | None]  # the prompts given as text (echo returns them as given)
     params: list[SamplingParams]  # per prompt
     n: int
     stream: bool
@@ -371,12 +372,17 @@ class Server:
         body = parse_body(raw, self.limits.max_json_depth)
         check_fields(body, chat)
         model, adapter = self._adapter(body)
+        texts: list[str | None] = [None]
         if chat:
             prompts = [self._chat_ids(body.get("messages"))]
         else:
             if "prompt" not in body:
                 raise ApiError(400, "'prompt' is required", "prompt")
             prompts = self._prompts(body["prompt"])
+            given = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+            texts = [p if isinstance(p, str) else None for p in given]
+            if len(texts) != len(prompts):  # one prompt given as token ids
+                texts = [None]
         limit = self.engine.max_len
         params, given = sampling_params(body, limit, self.vocab_size, chat=chat)
         default = None if chat else self.max_tokens_default
@@ -389,6 +395,7 @@ class Server:
             model=model,
             adapter=adapter,
             prompts=prompts,
+            prompt_texts=texts,
             params=per_prompt,
             n=choices_per_prompt(body),
             stream=flag(body, "stream"),
@@ -649,8 +656,10 @@ class _Call:
             yield index, update
 
     def _prompt_text(self, i: int) -> str:
+        if self.job.prompt_texts[i] is not None:
+            return self.job.prompt_texts[i]
         tok = self.server.tokenizer
-        return "" if tok is None else tok.decode(self.job.prompts[i])
+        return "" if tok is None else tok.decode(self.job.prompts[i], skip_special_tokens=False)
 
     def _finish_reason(self, req: Request) -> str:
         return "stop" if req.finish_reason == "cancelled" else req.finish_reason
