@@ -18,8 +18,9 @@ from test_serve_fixtures import (
 )
 
 from lsw_jax.sampling import LogitAdjust, RowSampling, SamplingParams, sample_rows, token_logprobs
-from lsw_jax.serve import engine as engine_mod
-from lsw_jax.serve.engine import TRACE_COUNTS, Request
+from lsw_jax.serve import steps
+from lsw_jax.serve.engine import Request
+from lsw_jax.serve.steps import TRACE_COUNTS
 from lsw_jax.serve.text import StreamText, held_back
 
 
@@ -236,7 +237,7 @@ def test_a_failing_adapter_fails_only_its_request():
 
 def test_a_failing_decode_step_fails_its_rows_and_the_engine_serves_on(monkeypatch, caplog):
     eng = make_engine(policy="unmerged")
-    real = engine_mod._decode_step
+    real = steps.decode_rows
     calls = {"n": 0}
 
     def flaky(*args, **kw):
@@ -245,7 +246,7 @@ def test_a_failing_decode_step_fails_its_rows_and_the_engine_serves_on(monkeypat
             raise RuntimeError("XLA runtime error")
         return real(*args, **kw)
 
-    monkeypatch.setattr(engine_mod, "_decode_step", flaky)
+    monkeypatch.setattr(steps, "decode_rows", flaky)
     ps = prompts(3, 57)
     first = [eng.submit(Request(p, _greedy(), adapter="a1")) for p in ps[:2]]
     eng.run_until_idle()
@@ -261,7 +262,7 @@ def test_a_failing_prefill_keeps_other_rows_by_preempting_them(monkeypatch):
     """A prefill that fails after consuming the donated cache: its chunk fails; rows that
     were decoding are prefilled again and still give their exact tokens."""
     eng = make_engine(policy="unmerged", max_prefill_rows=1)
-    real = engine_mod._prefill_insert
+    real = steps.prefill_insert
     ps = prompts(2, 58)
     running = eng.submit(Request(ps[0], _greedy(10), adapter="a1"))
     for _ in range(3):
@@ -271,10 +272,10 @@ def test_a_failing_prefill_keeps_other_rows_by_preempting_them(monkeypatch):
         args[4].k[0].delete()  # what a donated-then-failed call leaves
         raise RuntimeError("prefill failed")
 
-    monkeypatch.setattr(engine_mod, "_prefill_insert", broken)
+    monkeypatch.setattr(steps, "prefill_insert", broken)
     bad = eng.submit(Request(ps[1], _greedy(), adapter="a3"))
     eng.step()
-    monkeypatch.setattr(engine_mod, "_prefill_insert", real)
+    monkeypatch.setattr(steps, "prefill_insert", real)
     eng.run_until_idle()
     assert bad.finish_reason == "error" and running.preemptions == 1
     assert running.output == reference_greedy(ps[0], "a1", 10)

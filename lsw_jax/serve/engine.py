@@ -42,14 +42,13 @@ stacked base they are re-merged from): 2 x 4 x 106 M bytes for SmolLM2-135M in f
 
 Shapes are fixed by ``slots``, ``max_len`` and the prefill buckets (prompt length: powers
 of two from 16 to ``max_len``; rows: powers of two up to ``max_prefill_rows``), so after
-``warm_up`` no step compiles; ``TRACE_COUNTS`` counts traces per jitted function.
+``warm_up`` no step compiles (``steps.TRACE_COUNTS`` counts traces per jitted function).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import logging
 import threading
@@ -62,24 +61,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsw_jax.adapters.lora import RouterTables, RowRouter
-from lsw_jax.decode import decode_step
+from lsw_jax.adapters.lora import RouterTables
 from lsw_jax.model.llama import KVCache
-from lsw_jax.plans import MergedWeights, Plan, check_impl, prepare_unmerged
+from lsw_jax.plans import MergedWeights, Plan, check_impl
 from lsw_jax.sampling import (
     LogitAdjust,
     RowSampling,
     SamplingParams,
-    TokenLogprobs,
     logprob_bucket,
-    sample_rows,
-    token_logprobs,
 )
+from lsw_jax.serve import steps
 from lsw_jax.serve.scheduler import Scheduler, StepPlan
+from lsw_jax.serve.steps import TokenLogprob
 from lsw_jax.serve.text import StreamText
 
 Array = jax.Array
-TRACE_COUNTS: collections.Counter[str] = collections.Counter()  # jitted functions' traces
 log = logging.getLogger("lsw_jax.serve")
 
 
@@ -87,15 +83,6 @@ log = logging.getLogger("lsw_jax.serve")
 
 
 _ids = itertools.count()
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLogprob:
-    """One token's log-probability (raw model) and its top alternatives, most likely first."""
-
-    token: int
-    logprob: float | None  # None: a prompt's first token (nothing predicts it)
-    top: tuple[tuple[int, float], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,154 +140,12 @@ class Request:
         return self.finish_reason is not None
 
 
-# ---------------------------------------------------------------------- jitted pieces
-
-
-def _logprobs_or_none(logits: Array, tokens: Array, n: int) -> TokenLogprobs | None:
-    return token_logprobs(logits, tokens, n) if n else None
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "plan", "k_max", "num_logprobs"),
-    donate_argnames=("cache",),
-)
-def _decode_step(
-    graphdef,
-    state,
-    weights,
-    tables,
-    cache,
-    tokens,
-    positions,
-    active,
-    rows,
-    rs,
-    *,
-    plan,
-    k_max,
-    num_logprobs=0,
-):
-    """One token for every row: tokens/positions/active/rows [B] (rows: each row's adapter
-    base slot, -1 none); rs: RowSampling; weights: the plan's (merged: already switched).
-    Returns (next tokens [B], their TokenLogprobs (top ``num_logprobs``) or None, cache)."""
-    TRACE_COUNTS[f"decode_{plan.value}"] += 1
-    model = nnx.merge(graphdef, state)
-    cache = dataclasses.replace(cache, index=positions)  # row b writes its slot positions[b]
-    router = None if tables is None else RowRouter(tables, rows, k_max=k_max)
-    out = decode_step(
-        model,
-        tokens[:, None],
-        positions[:, None],
-        active[:, None],
-        cache,
-        plan,
-        weights,
-        routing=router,
-    )
-    logits = out.logits[:, 0]
-    tok = sample_rows(logits, rs)
-    return tok, _logprobs_or_none(logits, tok, num_logprobs), out.cache
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "k_max", "num_logprobs", "prompt_logprobs"),
-    donate_argnames=("cache",),
-)
-def _prefill_insert(
-    graphdef,
-    state,
-    weights,
-    tables,
-    cache,
-    ids,
-    lens,
-    rows,
-    slots,
-    rs,
-    *,
-    k_max,
-    num_logprobs=0,
-    prompt_logprobs=False,
-):
-    """Prefill ``ids [R, P]`` (right-padded, ``lens [R]``) into a fresh cache (unmerged: each
-    row its own adapter, ``slots [R]``), sample each row's next token and copy the rows
-    into ``cache`` rows ``rows [R]`` (rows >= B: padding rows, dropped). Returns
-    (tokens [R], their TokenLogprobs or None, the prompt's TokenLogprobs ``[R, P-1]`` of
-    ids[:, 1:] or None, cache)."""
-    TRACE_COUNTS["prefill"] += 1
-    model = nnx.merge(graphdef, state)
-    r, p = ids.shape
-    mask = jnp.arange(p)[None, :] < lens[:, None]
-    small = KVCache.create(model.cfg, r, p, cache.k[0].dtype)
-    router = None if tables is None else RowRouter(tables, slots, k_max=k_max)
-    plan = Plan.DENSE if tables is None else Plan.UNMERGED
-    positions = jnp.broadcast_to(jnp.arange(p)[None], (r, p))
-    out = decode_step(model, ids, positions, mask, small, plan, weights, routing=router)
-    last = jnp.take_along_axis(out.logits, (lens - 1)[:, None, None], axis=1)[:, 0]
-    tok = sample_rows(last, rs)
-    prompt_lp = None
-    if prompt_logprobs:  # log p(ids[t+1] | ids[:t+1]) from the same prefill logits
-        prompt_lp = token_logprobs(out.logits[:, :-1], ids[:, 1:], num_logprobs)
-    s = cache.length
-    k = [
-        c.at[rows, :p].set(x.astype(c.dtype), mode="drop")
-        for c, x in zip(cache.k, out.cache.k, strict=True)
-    ]
-    v = [
-        c.at[rows, :p].set(x.astype(c.dtype), mode="drop")
-        for c, x in zip(cache.v, out.cache.v, strict=True)
-    ]
-    valid = cache.valid.at[rows].set(jnp.pad(mask, ((0, 0), (0, s - p))), mode="drop")
-    lp = _logprobs_or_none(last, tok, num_logprobs)
-    return tok, lp, prompt_lp, KVCache(k=k, v=v, valid=valid, index=cache.index)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
-def _prepare_unmerged(graphdef, state, impl):
-    """The pool's FusedBanks per layer (rebuilt when the pool changes, not per step)."""
-    TRACE_COUNTS["prepare"] += 1
-    return prepare_unmerged(nnx.merge(graphdef, state), impl)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _create_merged(graphdef, state, banks) -> MergedWeights:
-    TRACE_COUNTS["prepare_merged"] += 1
-    return MergedWeights.create(nnx.merge(graphdef, state), banks, 1)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _merge(weights: MergedWeights, selection: tuple[Array, Array]) -> MergedWeights:
-    """Switch the merged weights to ``selection`` (timed apart: the scheduler's merge cost)."""
-    TRACE_COUNTS["merge"] += 1
-    return weights.switch(*selection)
-
-
 def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
     out, b = [], lo
     while b < hi:
         out.append(b)
         b *= 2
     return (*out, hi)
-
-
-def _host_logprobs(lp: TokenLogprobs | None) -> TokenLogprobs | None:
-    """One device-to-host copy per step (indexing device arrays per row would dispatch)."""
-    return None if lp is None else jax.tree.map(np.asarray, jax.device_get(lp))
-
-
-def _logprob_entries(lp: TokenLogprobs, i: int, tokens: list[int], n: int) -> list:
-    """Host TokenLogprob records of row ``i`` of a host ``lp`` (positions 0.. of a [R, T]
-    result, or the row of a [R] one), keeping the top ``n``."""
-    chosen, ids, lps = lp.chosen[i], lp.top_ids[i], lp.top_logprobs[i]
-    if chosen.ndim == 0:
-        chosen, ids, lps = chosen[None], ids[None], lps[None]
-    ids, lps = ids[: len(tokens), :n].tolist(), lps[: len(tokens), :n].tolist()
-    return [
-        TokenLogprob(t, float(chosen[j]), tuple(zip(ids[j], lps[j], strict=True)))
-        for j, t in enumerate(tokens)
-    ]
 
 
 # ---------------------------------------------------------------------- engine
@@ -501,9 +346,9 @@ class Engine:
             for r in self.prefill_rows:
                 args = self._prefill_args([], p, r)
                 if p * r <= run_tokens:
-                    _, _, _, self.cache = _prefill_insert(*args, **static)
+                    _, _, _, self.cache = steps.prefill_insert(*args, **static)
                 elif jax.config.jax_enable_compilation_cache:
-                    _prefill_insert.lower(*args, **static).compile()
+                    steps.prefill_insert.lower(*args, **static).compile()
         idle = ([None] * self.slots, np.zeros((self.slots,), np.int32))
         if self.pool is None:
             self._run_decode(*idle, Plan.DENSE, None)
@@ -511,9 +356,9 @@ class Engine:
         self._run_decode(*idle, Plan.UNMERGED, self._unmerged)
         if self.scheduler.policy != "unmerged":  # merged steps: base weights, and an adapter's
             self._run_decode(*idle, Plan.MERGED, None)
-            self._merged = _create_merged(self.graphdef, self.state, self._unmerged)
+            self._merged = steps.create_merged(self.graphdef, self.state, self._unmerged)
             selection = (jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32))
-            self._merged = _merge(self._merged, selection)  # gate 0: nothing merged
+            self._merged = steps.switch_merged(self._merged, selection)  # gate 0: nothing merged
             self._run_decode(*idle, Plan.MERGED, self._merged)
         jax.block_until_ready(self.cache.k[0])
 
@@ -615,7 +460,7 @@ class Engine:
             return
         self.graphdef, self.state = nnx.split(self.model)
         if self.pool is not None:
-            self._unmerged = _prepare_unmerged(self.graphdef, self.state, self.impl)
+            self._unmerged = steps.prepare_banks(self.graphdef, self.state, self.impl)
         if self._merged is not None:  # re-stacked from the new banks on the next merged step
             self._merged = None
             self.scheduler.merged_adapter = None
@@ -692,18 +537,18 @@ class Engine:
         n_lp = logprob_bucket(self._max_logprobs(chunk))
         # Prompt log-probabilities once per request (not again when resumed).
         want_prompt = [req.params.prompt_logprobs and req.prompt_logprobs is None for req in chunk]
-        tok, lp, prompt_lp, self.cache = _prefill_insert(
+        tok, lp, prompt_lp, self.cache = steps.prefill_insert(
             *self._prefill_args(chunk, p, r),
             k_max=self._k_max,
             num_logprobs=n_lp,
             prompt_logprobs=any(want_prompt),
         )
         self.stats["prefills"] += 1
-        lp, prompt_lp = _host_logprobs(lp), _host_logprobs(prompt_lp)
+        lp, prompt_lp = steps.host_logprobs(lp), steps.host_logprobs(prompt_lp)
         for i, req in enumerate(chunk):
             if want_prompt[i]:
                 n = req.params.logprobs or 0
-                req.prompt_logprobs = _logprob_entries(prompt_lp, i, req.prompt[1:], n)
+                req.prompt_logprobs = steps.logprob_entries(prompt_lp, i, req.prompt[1:], n)
         self._emit(chunk, np.asarray(tok)[: len(chunk)], lp)
 
     def _max_logprobs(self, reqs: list[Request | None]) -> int | None:
@@ -742,12 +587,12 @@ class Engine:
         if not adapter:
             return None
         if self._merged is None:
-            self._merged = _create_merged(self.graphdef, self.state, self._unmerged)
+            self._merged = steps.create_merged(self.graphdef, self.state, self._unmerged)
         if adapter != self.scheduler.merged_adapter:
             slot = self.pool.slot_of(adapter)
             selection = (jnp.asarray([slot], jnp.int32), jnp.ones((1,), jnp.float32))
             t0 = time.perf_counter()
-            self._merged = jax.block_until_ready(_merge(self._merged, selection))
+            self._merged = jax.block_until_ready(steps.switch_merged(self._merged, selection))
             self.scheduler.timing.observe_merge(time.perf_counter() - t0)
             self.stats["merges"] += 1
         self.scheduler.merged_adapter = adapter
@@ -780,7 +625,7 @@ class Engine:
         """One decode step over all rows (``reqs[b]``: the request row b runs, or None)."""
         active = np.asarray([r is not None for r in reqs])
         tokens = np.asarray([0 if r is None else r.output[-1] for r in reqs], np.int32)
-        nxt, lp, self.cache = _decode_step(
+        nxt, lp, self.cache = steps.decode_rows(
             self.graphdef,
             self.state,
             weights,
@@ -795,7 +640,7 @@ class Engine:
             k_max=self._k_max,
             num_logprobs=logprob_bucket(self._max_logprobs(reqs)),
         )
-        return np.asarray(nxt), _host_logprobs(lp)
+        return np.asarray(nxt), steps.host_logprobs(lp)
 
     def _emit(
         self, reqs: list[Request], toks: np.ndarray, lp: Any, lp_rows: list[int] | None = None
@@ -819,7 +664,7 @@ class Engine:
             entries = []
             if lp is not None and sp.logprobs is not None:
                 row = i if lp_rows is None else lp_rows[i]
-                entries = _logprob_entries(lp, row, [t], sp.logprobs)
+                entries = steps.logprob_entries(lp, row, [t], sp.logprobs)
                 req.logprobs += entries
             reason = None
             if t in sp.stop_token_ids or (not sp.ignore_eos and t in self.eos):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lsw_jax.serve.engine import TokenLogprob
+from lsw_jax.serve.steps import TokenLogprob
 
 
 class TokenText:
