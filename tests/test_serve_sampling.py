@@ -17,6 +17,7 @@ from test_serve_fixtures import (
     reference_model,
 )
 
+from lsw_jax.convert.gguf import gguf_tokenizer
 from lsw_jax.sampling import LogitAdjust, RowSampling, SamplingParams, sample_rows, token_logprobs
 from lsw_jax.serve import steps
 from lsw_jax.serve.engine import Request
@@ -317,3 +318,14 @@ def test_warm_up_compiles_every_shape_before_serving():
         eng.run_until_idle()
     assert dict(TRACE_COUNTS) == before, "a step compiled after warm-up"
     assert all(r.finish_reason == "length" for r in reqs)
+
+
+def test_incremental_text_equals_a_full_decode_with_a_real_tokenizer(smollm2_path):
+    """SmolLM2's byte-level BPE, pushed one token at a time (multi-byte characters split
+    across tokens, leading spaces, newlines): the settled text equals one full decode."""
+    tok = gguf_tokenizer(smollm2_path)
+    text = "Grüße aus Köln — 東京 and ☕️!\n  Spaces,\ttabs; the end. " * 3
+    ids = tok.encode(text, add_special_tokens=False)
+    st = StreamText(tok.decode, ["never"])
+    out = "".join(st.push([t])[0] for t in ids) + st.push([], final=True)[0]
+    assert out == tok.decode(ids) == st.text

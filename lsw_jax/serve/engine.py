@@ -329,7 +329,7 @@ class Engine:
                 self._fail([r for r in self.rows if r is not None], e)
 
     # ------------------------------------------------------------------ warm-up
-    def warm_up(self, max_prompt_len: int | None = None, run_tokens: int = 4096) -> None:
+    def warm_up(self, max_prompt_len: int | None = None, run_tokens: int = 1024) -> None:
         """Compile the steps every request will use, so that no new prompt length (or a
         first merged step) stalls running streams later: the prefill of each (prompt,
         rows) bucket up to ``max_prompt_len`` (default: all) and the decode step of every

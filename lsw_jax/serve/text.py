@@ -31,6 +31,11 @@ class StreamText:
     (the stop string itself is not part of the output, as in OpenAI's API). ``final``
     flushes what was held back (an unfinished UTF-8 sequence becomes U+FFFD). Stop strings
     are only looked for once ``min_tokens`` tokens exist (before that, text flows freely).
+
+    Decoding is incremental (vLLM's scheme): each push decodes only a short window, the
+    tokens since the previous settled point, with and without the new ones; the window's
+    first tokens give tokenizers that drop a leading space (SentencePiece) their context.
+    So a step costs the same at token 10 and at token 10,000.
     """
 
     def __init__(
@@ -42,14 +47,22 @@ class StreamText:
     ):
         self.decode, self.stops, self.min_tokens = decode, tuple(stops), min_tokens
         self.ids: list[int] = []
-        self.text = ""  # what has been emitted
+        self.full = ""  # the decoded text of ids[:self._read]
+        self.text = ""  # what has been emitted: a prefix of ``full``
+        self._prefix = self._read = 0  # ids[_prefix:_read]: the window's context
+
+    def _decode_new(self, final: bool) -> None:
+        before = self.decode(self.ids[self._prefix : self._read])
+        after = self.decode(self.ids[self._prefix :])
+        if after.endswith("\ufffd") and not final:  # an unfinished UTF-8 character: wait
+            return
+        self.full += after[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
 
     def push(self, ids: list[int], *, final: bool = False) -> tuple[str, bool]:
         self.ids += ids
-        full = self.decode(self.ids)
-        if full.endswith("\ufffd") and not final:  # an unfinished UTF-8 character: wait
-            return "", False
-        new = full[len(self.text) :]
+        self._decode_new(final)
+        new = self.full[len(self.text) :]
         if self.stops and len(self.ids) >= self.min_tokens:
             hits = [i for i in (new.find(s) for s in self.stops) if i >= 0]
             if hits:
