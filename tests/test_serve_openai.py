@@ -26,6 +26,7 @@ from test_serve_fixtures import (
 from test_serve_sampling import reference_adjusted_greedy
 from test_serve_server import serving
 
+from lsw_jax.convert.peft import export_peft_adapter
 from lsw_jax.sampling import SamplingParams
 
 openai = pytest.importorskip("openai")
@@ -292,6 +293,24 @@ def test_dynamic_adapters_load_serve_and_unload(live):
         client.completions.create(model="lora3", prompt=p, max_tokens=2)
     r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "lora3"}, headers=h)
     assert r.status_code == 404
+
+
+def test_dynamic_adapter_from_a_peft_folder(live, tmp_path):
+    url, _, client = live
+    export_peft_adapter(reference_model("a3"), tmp_path / "peft_a3")
+    body = {"lora_name": "peft3", "lora_path": str(tmp_path / "peft_a3")}
+    h = {"Authorization": "Bearer k3y"}
+    assert httpx.post(url + "/v1/load_lora_adapter", json=body, headers=h).status_code == 200
+    p = prompts(1, 78)[0]
+    out = client.completions.create(model="peft3", prompt=p, max_tokens=5, **GREEDY)
+    assert out.choices[0].model_extra["token_ids"] == reference_greedy(p, "a3", 5)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text('{"r": null}')
+    body = {"lora_name": "bad", "lora_path": str(tmp_path / "bad")}
+    r = httpx.post(url + "/v1/load_lora_adapter", json=body, headers=h)
+    assert r.status_code == 400 and "adapter_config.json" in r.text, r.text
+    r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "peft3"}, headers=h)
+    assert r.status_code == 200
 
 
 def test_dynamic_adapters_of_every_kind():
