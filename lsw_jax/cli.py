@@ -373,6 +373,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             keep_alive_s=args.keep_alive_timeout,
             max_connections=args.max_connections,
         ),
+        enable_lora=args.enable_lora,
+        warmup=not args.no_warmup,
     )
     run_server(
         server, host=args.host, port=args.port, allow_unauthenticated=args.allow_unauthenticated
@@ -396,7 +398,12 @@ def _add_serve_command(sub: Any) -> None:
         help="listen on a non-loopback --host without an API key (refused otherwise)",
     )
     p.add_argument("--slots", type=int, default=8, help="concurrent requests (batch rows)")
-    p.add_argument("--max-len", type=int, default=None, help="tokens per request (prompt + output)")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="tokens per request (prompt + output); default: the model's context",
+    )
     p.add_argument(
         "--pool-slots",
         type=int,
@@ -408,6 +415,16 @@ def _add_serve_command(sub: Any) -> None:
     p.add_argument("--pool-top-k", type=int, default=2, help="largest router top-k")
     p.add_argument("--policy", default="adaptive", choices=["adaptive", "merged", "unmerged"])
     p.add_argument("--served-model-name", default=None, help="model id of the base model")
+    p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="an adapter pool even without --adapters (for POST /v1/load_lora_adapter)",
+    )
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip compiling the step shapes at start (they compile on first use)",
+    )
     p.add_argument("--dtype", default=None)
     limits = HttpLimits()
     p.add_argument(

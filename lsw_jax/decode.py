@@ -198,6 +198,8 @@ def generate(
     "reference".
     """
     plan, impl = as_plan(plan), check_impl(impl)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     params = SamplingParams(
         max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     )

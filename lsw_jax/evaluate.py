@@ -1,4 +1,21 @@
-"""Evaluation: perplexity on text, multiple-choice accuracy by log-likelihood."""
+"""Evaluation: perplexity on text, multiple-choice accuracy by log-likelihood.
+
+Both score exactly as EleutherAI's lm-evaluation-harness does for a causal model, so
+``lsw-jax eval`` and lm-eval (``hf`` backend, or ``local-completions`` against
+``lsw-jax serve``) report the same numbers on the same weights:
+
+* no BOS is added to a context (lm-eval's ``add_bos_token=False`` default); a context
+  that is empty is replaced by the prefix token (BOS, else EOS);
+* a context's trailing whitespace moves to the continuation, and the continuation's
+  tokens are those of ``encode(context + continuation)`` past ``encode(context)``
+  (``_encode_pair``); a choice's continuation is ``" " + choice`` (the default
+  ``target_delimiter``), acc_norm divides by ``len(choice)`` in characters;
+* perplexity scores every token of a document in disjoint rolling windows of
+  ``max_len`` tokens, the first conditioned on the prefix token
+  (``get_rolling_token_windows`` with ``context_len=1``).
+
+Rows are batched as they are (no padding rows), grouped by length.
+"""
 
 from __future__ import annotations
 
@@ -36,63 +53,96 @@ def _bucket(n: int) -> int:
 def sequence_logprobs(
     model: Any, rows: list[list[int]], score_from: list[int], *, batch_size: int = 8
 ) -> list[tuple[float, int]]:
-    """For each token row, (sum of log p of tokens at index >= score_from[i], their count)."""
+    """For each token row, (sum of log p of tokens at index >= score_from[i], their count).
+
+    Rows are sorted by length and batched up to ``batch_size`` real rows (no padding
+    rows); each batch is padded to a power-of-two length (few compilations)."""
+    limit = model.cfg.max_position_embeddings
+    too_long = max(len(r) for r in rows)
+    if too_long > limit:
+        raise ValueError(f"a sequence of {too_long} tokens exceeds the context of {limit}")
     graphdef, state = nnx.split(model)
-    out = []
-    for lo in range(0, len(rows), batch_size):
-        chunk = rows[lo : lo + batch_size]
-        length = _bucket(max(len(r) for r in chunk))
-        if length > model.cfg.max_position_embeddings:
-            raise ValueError(
-                f"a sequence of {max(len(r) for r in chunk)} tokens exceeds the context of "
-                f"{model.cfg.max_position_embeddings}"
-            )
-        while len(chunk) < batch_size:  # fixed batch shape: one compilation per length bucket
-            chunk = chunk + [chunk[-1]]
-        ids, mask = _pad_rows(chunk, length)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo : lo + batch_size]
+        chunk = [rows[i] for i in idx]
+        ids, mask = _pad_rows(chunk, min(_bucket(len(chunk[0])), max(limit, len(chunk[0]))))
         lp = np.asarray(_token_logprobs(graphdef, state, jnp.asarray(ids), jnp.asarray(mask)))
-        for i in range(min(batch_size, len(rows) - lo)):
-            start, end = score_from[lo + i], len(rows[lo + i])
-            out.append((float(lp[i, start - 1 : end - 1].sum()), end - start))
+        for k, i in enumerate(idx):
+            start, end = score_from[i], len(rows[i])
+            out[i] = (float(lp[k, start - 1 : end - 1].sum()), end - start)
+    return out
+
+
+def prefix_token(tokenizer: Any) -> int:
+    """What conditions a prediction with no context: BOS, else EOS (lm-eval's choice)."""
+    tok = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else None
+    tok = tokenizer.eos_token_id if tok is None else tok
+    if tok is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to condition on")
+    return tok
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) split as lm-eval splits them (module docstring)."""
+    if not context:
+        return [prefix_token(tokenizer)], tokenizer.encode(continuation, add_special_tokens=False)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    ctx = tokenizer.encode(context, add_special_tokens=False)
+    return ctx, whole[len(ctx) :]
+
+
+def rolling_windows(ids: list[int], prefix: int, max_len: int) -> list[tuple[list[int], int]]:
+    """Disjoint windows predicting every token of ``ids`` once: (window tokens, index from
+    which its tokens are scored); the first window starts with ``prefix``."""
+    out = []
+    n = min(max_len, len(ids))
+    out.append(([prefix] + ids[: n - 1] + ids[n - 1 : n], 1))
+    done = n
+    while done < len(ids):
+        end = min(done + max_len, len(ids))
+        window = ids[max(end - max_len - 1, 0) : end]
+        out.append((window, len(window) - (end - done)))
+        done = end
     return out
 
 
 def perplexity(model: Any, tokenizer: Any, texts: list[str], *, max_len: int = 512) -> dict:
-    """Token-level perplexity over documents (each cut into windows of ``max_len``)."""
-    rows = []
+    """Token-level perplexity over documents (lm-eval's rolling windows of ``max_len``)."""
+    prefix = prefix_token(tokenizer)
+    rows, starts = [], []
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False)
-        if tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id] + ids
-        rows += [ids[i : i + max_len] for i in range(0, max(len(ids) - 1, 1), max_len - 1)]
-    rows = [r for r in rows if len(r) >= 2]
+        for window, start in rolling_windows(ids, prefix, max_len) if ids else []:
+            rows.append(window)
+            starts.append(start)
     if not rows:
-        raise ValueError("perplexity: no document has two or more tokens")
-    scores = sequence_logprobs(model, rows, [1] * len(rows))
+        raise ValueError("perplexity: every document is empty")
+    scores = sequence_logprobs(model, rows, starts)
     nll = -sum(s for s, _ in scores)
     n = sum(c for _, c in scores)
     return {"perplexity": math.exp(nll / n), "nll_per_token": nll / n, "tokens": n}
 
 
 def multiple_choice(model: Any, tokenizer: Any, items: list[Any]) -> dict:
-    """acc: argmax of sum log p(choice | question); acc_norm: divided by the choice's
-    length in characters (lm-eval-harness's length normalisation)."""
-    rows, starts, owners = [], [], []
-    for q_idx, item in enumerate(items):
-        ctx = tokenizer.encode(item.question, add_special_tokens=False)
-        if tokenizer.bos_token_id is not None:
-            ctx = [tokenizer.bos_token_id] + ctx
+    """acc: argmax of log p(" " + choice | question); acc_norm: each divided by the
+    choice's length in characters (lm-eval's multiple_choice metrics)."""
+    rows, starts = [], []
+    for item in items:
         for choice in item.choices:
-            rows.append(ctx + tokenizer.encode(" " + choice.strip(), add_special_tokens=False))
+            ctx, cont = encode_pair(tokenizer, item.question, " " + choice)
+            rows.append(ctx + cont)
             starts.append(len(ctx))
-            owners.append(q_idx)
     scores = sequence_logprobs(model, rows, starts)
     correct = correct_norm = 0
     k = 0
     for item in items:
-        s = scores[k : k + len(item.choices)]
-        raw = [x for x, _ in s]
-        norm = [x / max(len(c.strip()) + 1, 1) for (x, _), c in zip(s, item.choices, strict=True)]
+        raw = [x for x, _ in scores[k : k + len(item.choices)]]
+        norm = [x / max(len(c), 1) for x, c in zip(raw, item.choices, strict=True)]
         correct += int(np.argmax(raw) == item.answer)
         correct_norm += int(np.argmax(norm) == item.answer)
         k += len(item.choices)

@@ -10,8 +10,9 @@ import pytest
 from hf_helpers import hf_logits, make_hf_model, save_hf_model
 
 import lsw_jax
+from lsw_jax import evaluate
 from lsw_jax.data import MultipleChoice, read_multiple_choice
-from lsw_jax.evaluate import multiple_choice, perplexity
+from lsw_jax.evaluate import encode_pair, multiple_choice, perplexity, rolling_windows
 
 
 class SmallTokenizer:
@@ -68,11 +69,11 @@ def test_multiple_choice_matches_hf_argmax(models, tmp_path):
     ]
     got = multiple_choice(ours, tok, items)
     correct = correct_norm = 0
-    for it in items:
-        ctx = [1] + tok.encode(it.question)
+    for it in items:  # lm-eval's scoring: no BOS, " " + choice, acc_norm by len(choice)
+        ctx = tok.encode(it.question)
         scores = [_hf_logprob(hf, ctx + tok.encode(" " + c), len(ctx)) for c in it.choices]
         correct += int(np.argmax(scores) == it.answer)
-        norm = [s / (len(c) + 1) for s, c in zip(scores, it.choices, strict=True)]
+        norm = [s / len(c) for s, c in zip(scores, it.choices, strict=True)]
         correct_norm += int(np.argmax(norm) == it.answer)
     assert got == {"acc": correct / 3, "acc_norm": correct_norm / 3, "n": 3}
 
@@ -84,6 +85,41 @@ def test_multiple_choice_matches_hf_argmax(models, tmp_path):
         )
     )
     assert read_multiple_choice(path) == items
+
+
+def test_rolling_windows_cover_every_token_once():
+    ids = list(range(10, 33))  # 23 tokens, windows of 8
+    windows = rolling_windows(ids, 1, 8)
+    scored = [t for w, start in windows for t in w[start:]]
+    assert scored == ids
+    assert windows[0] == ([1] + ids[:8], 1)
+    assert all(len(w) <= 9 for w, _ in windows)  # max_len inputs + the last target
+    assert windows[1] == (ids[7:16], 1)  # lm-eval's disjoint windows: one token of context
+
+
+def test_encode_pair_moves_trailing_space_and_uses_the_prefix_for_no_context():
+    tok = SmallTokenizer()
+    assert encode_pair(tok, "Q: a ", "b") == (tok.encode("Q: a"), tok.encode(" b"))
+    assert encode_pair(tok, "", "b") == ([1], tok.encode("b"))
+
+
+def test_batches_hold_only_real_rows(models, monkeypatch):
+    _, ours = models
+    seen = []
+    real = evaluate._token_logprobs
+    monkeypatch.setattr(
+        evaluate,
+        "_token_logprobs",
+        lambda g, s, ids, m: seen.append(ids.shape) or real(g, s, ids, m),
+    )
+    rows = [[1, 2, 3], [1, 2], [4, 5, 6, 7], [8, 9]]
+    one = evaluate.sequence_logprobs(ours, rows, [1, 1, 2, 1], batch_size=3)
+    assert [b for b, _ in seen] == [3, 1]
+    alone = [
+        evaluate.sequence_logprobs(ours, [r], [s])[0]
+        for r, s in zip(rows, [1, 1, 2, 1], strict=True)
+    ]
+    np.testing.assert_allclose([x for x, _ in one], [x for x, _ in alone], rtol=1e-5)
 
 
 def test_context_overflow_is_refused(models):

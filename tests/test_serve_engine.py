@@ -7,7 +7,8 @@ import pytest
 from test_serve_fixtures import make_engine, prompts, reference_greedy
 
 from lsw_jax.sampling import SamplingParams
-from lsw_jax.serve.engine import TRACE_COUNTS, Request
+from lsw_jax.serve.engine import Request
+from lsw_jax.serve.steps import TRACE_COUNTS
 
 N_NEW = 8
 

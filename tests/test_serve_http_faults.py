@@ -16,7 +16,8 @@ import pytest
 from test_serve_fixtures import make_engine, make_tokenizer, reference_greedy, tiny_checkpoint
 
 from lsw_jax.cli import main
-from lsw_jax.serve.server import HttpLimits, Server, _Detok, check_exposure, uvicorn_server
+from lsw_jax.serve.server import HttpLimits, Server, check_exposure, uvicorn_server
+from lsw_jax.serve.text import StreamText
 
 FAST = HttpLimits(header_timeout_s=0.5, body_timeout_s=0.5, max_body_bytes=1 << 20)
 
@@ -293,9 +294,9 @@ class ByteTokenizer:
 
 
 def test_a_token_cut_mid_character_is_not_lost():
-    detok = _Detok(ByteTokenizer())
+    detok = StreamText(ByteTokenizer().decode)
     euro = list("€".encode())  # 3 bytes
-    assert detok.push([ord("a")] + euro[:2]) == ""  # waits for the rest of the character
-    assert detok.push(euro[2:]) == "a€"
-    assert detok.push(euro[:1]) == ""
-    assert detok.push([], final=True) == "\ufffd"  # the stream ended inside a character
+    assert detok.push([ord("a")] + euro[:2]) == ("", False)  # waits for the rest
+    assert detok.push(euro[2:]) == ("a€", False)
+    assert detok.push(euro[:1]) == ("", False)
+    assert detok.push([], final=True) == ("\ufffd", False)  # ended inside a character

@@ -26,10 +26,12 @@ from lsw_jax.serve.server import Server, build_server
 
 
 @contextlib.contextmanager
-def serving(*, api_key=None, step_delay=0.0, **engine_kw):
+def serving(*, api_key=None, step_delay=0.0, before_start=None, **engine_kw):
     import uvicorn
 
     eng = make_engine(**engine_kw)
+    if before_start is not None:
+        before_start(eng)
     if step_delay:
         step = eng.step
         eng.step = lambda: (time.sleep(step_delay), step())[1]
@@ -149,9 +151,22 @@ def test_models_health_metrics(live):
         ({"prompt": list(range(5)) * 14, "max_tokens": 1}, 400, "prompt has 70 tokens"),
         ({"prompt": [1], "temperature": 3}, 400, "'temperature'=3 must be between"),
         ({"prompt": [1], "top_p": 0}, 400, "'top_p'=0 must be between"),
-        ({"prompt": [1], "n": 2}, 400, "only n=1"),
+        ({"prompt": [1], "n": 17}, 400, "'n'=17 must be between 1 and 16"),
+        ({"prompt": [1], "best_of": 3}, 400, "'best_of' is not supported"),
+        ({"prompt": [1], "suffix": "x"}, 400, "'suffix' is not supported"),
+        ({"prompt": [1], "frobnicate": 1}, 400, "unknown field 'frobnicate'"),
+        ({"prompt": [1], "logprobs": 21}, 400, "'logprobs'=21 must be between 0 and 20"),
+        ({"prompt": [1], "max_tokens": 0}, 400, "'max_tokens'=0 must be between 1"),
+        ({"prompt": [1], "stop": ["x"] * 65}, 400, "up to 64 of them"),
+        ({"prompt": [1], "logit_bias": {"x": 1}}, 400, "'logit_bias': key 'x' is not a token"),
+        ({"prompt": [1], "logit_bias": {"5": 101}}, 400, "must be a number in [-100, 100]"),
+        ({"prompt": [1], "presence_penalty": 3}, 400, "'presence_penalty'=3 must be between"),
+        ({"prompt": [1], "stream_options": {"include_usage": True}}, 400, "only allowed with"),
+        ({"prompt": [1], "max_tokens": 2, "min_tokens": 3}, 400, "'min_tokens'=3 must be <="),
+        ({"prompt": []}, 400, "'prompt' must be a string, a list of token ids, or a non-empty"),
         ({"prompt": [1], "max_tokens": "x"}, 400, "'max_tokens' must be an integer"),
-        ({"prompt": {"a": 1}}, 400, "'prompt' must be a string or a list of token ids"),
+        ({"prompt": {"a": 1}}, 400, "'prompt' must be a string, a list of token ids"),
+        ({"prompt": [[1], "w1", {}]}, 400, "each prompt must be a string or a list of token"),
         ({}, 400, "'prompt' is required"),
     ],
 )

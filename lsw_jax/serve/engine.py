@@ -12,8 +12,21 @@ at prefill, so position == slot). A step:
 4. runs one decode step over ALL rows (one jitted function over ``(graphdef, state)``,
    cache donated); rows not scheduled this step (free, or parked while another adapter
    runs merged) are masked: they write nothing valid and their cache is kept;
-5. appends the tokens, streams them to each request's sink and retires finished requests
-   (EOS / stop token / max_tokens / cancel) so their rows are free for the next step.
+5. appends the tokens (with their log-probabilities when asked), advances each request's
+   text (``StreamText``: stop strings are matched here, so a request stops at the step
+   that completes one), streams an ``Update`` to each request's sink and retires finished
+   requests (EOS / stop token / stop string / max_tokens / cancel) so their rows are free
+   for the next step.
+
+Faults. A step that raises fails exactly the requests it touched (an admission: that
+request; a prefill: its chunk; a decode: the rows it ran), logs the error and keeps
+serving: when the failed call had consumed the donated cache, the other rows are
+preempted (they keep their tokens and are prefilled again). Cancelling a request that is
+still waiting finishes it at once; a running one leaves at the next step.
+
+Log-probabilities and logit adjustments are computed inside the same jitted steps that
+sample (``lsw_jax.sampling``): a step compiles with them only when a row asks for them, so
+they cost nothing otherwise.
 
 Adapters. The model's linears carry the ``AdapterPool``'s banks (E = pool slots) and every
 row is routed by ``RowRouter`` with its own adapter: a plain LoRA to its slot with gate 1, a
@@ -29,15 +42,15 @@ stacked base they are re-merged from): 2 x 4 x 106 M bytes for SmolLM2-135M in f
 
 Shapes are fixed by ``slots``, ``max_len`` and the prefill buckets (prompt length: powers
 of two from 16 to ``max_len``; rows: powers of two up to ``max_prefill_rows``), so after
-warm-up no step compiles; ``trace_counts`` counts traces per jitted function.
+``warm_up`` no step compiles (``steps.TRACE_COUNTS`` counts traces per jitted function).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -48,15 +61,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsw_jax.adapters.lora import RouterTables, RowRouter
-from lsw_jax.decode import decode_step
+from lsw_jax.adapters.lora import RouterTables
 from lsw_jax.model.llama import KVCache
-from lsw_jax.plans import MergedWeights, Plan, check_impl, prepare_unmerged
-from lsw_jax.sampling import RowSampling, SamplingParams, sample_rows
+from lsw_jax.plans import MergedWeights, Plan, check_impl
+from lsw_jax.sampling import (
+    LogitAdjust,
+    RowSampling,
+    SamplingParams,
+    logprob_bucket,
+)
+from lsw_jax.serve import steps
 from lsw_jax.serve.scheduler import Scheduler, StepPlan
+from lsw_jax.serve.steps import TokenLogprob
+from lsw_jax.serve.text import StreamText
 
 Array = jax.Array
-TRACE_COUNTS: collections.Counter[str] = collections.Counter()  # jitted functions' traces
+log = logging.getLogger("lsw_jax.serve")
 
 
 # ---------------------------------------------------------------------- requests
@@ -65,21 +85,36 @@ TRACE_COUNTS: collections.Counter[str] = collections.Counter()  # jitted functio
 _ids = itertools.count()
 
 
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """What one step gave a request: new token ids, the text they settle (may be "" while
+    held back), their log-probabilities (when asked for), and whether it finished."""
+
+    tokens: list[int]
+    text: str = ""
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finished: bool = False
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     """One generation request and its progress.
 
-    sink(req, new_tokens, finished) is called from the engine thread after every step
-    that gives the request tokens, and once when it finishes (finish_reason set).
+    sink(req, update) is called from the engine thread after every step that gives the
+    request tokens, and once with ``update.finished`` when it finishes (finish_reason set).
     """
 
     prompt: list[int]
     params: SamplingParams = SamplingParams()
     adapter: str | None = None
-    sink: Callable[[Request, list[int], bool], None] | None = None
+    sink: Callable[[Request, Update], None] | None = None
     id: str = dataclasses.field(default_factory=lambda: f"req-{next(_ids)}")
     output: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # per output token
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (params.prompt_logprobs)
+    text: str = ""  # the settled output text (with a tokenizer)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     arrival_step: int = -1
     first_token_at: float | None = None
@@ -89,6 +124,7 @@ class Request:
     preemptions: int = 0
     row: int | None = None
     adapter_slot: int | None = None
+    stream: StreamText | None = None
     done_event: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     @property
@@ -102,97 +138,6 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-# ---------------------------------------------------------------------- jitted pieces
-
-
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "plan", "k_max"), donate_argnames=("cache",)
-)
-def _decode_step(
-    graphdef,
-    state,
-    weights,
-    tables,
-    cache,
-    tokens,
-    positions,
-    active,
-    rows,
-    rs,
-    *,
-    plan,
-    k_max,
-):
-    """One token for every row: tokens/positions/active/rows [B] (rows: each row's adapter
-    base slot, -1 none); rs: RowSampling; weights: the plan's (merged: already switched).
-    Returns (next tokens [B], cache)."""
-    TRACE_COUNTS[f"decode_{plan.value}"] += 1
-    model = nnx.merge(graphdef, state)
-    cache = dataclasses.replace(cache, index=positions)  # row b writes its slot positions[b]
-    router = None if tables is None else RowRouter(tables, rows, k_max=k_max)
-    out = decode_step(
-        model,
-        tokens[:, None],
-        positions[:, None],
-        active[:, None],
-        cache,
-        plan,
-        weights,
-        routing=router,
-    )
-    return sample_rows(out.logits[:, 0], rs), out.cache
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "k_max"), donate_argnames=("cache",))
-def _prefill_insert(graphdef, state, weights, tables, cache, ids, lens, rows, slots, rs, *, k_max):
-    """Prefill ``ids [R, P]`` (right-padded, ``lens [R]``) into a fresh cache (unmerged: each
-    row its own adapter, ``slots [R]``), sample each row's next token and copy the rows
-    into ``cache`` rows ``rows [R]`` (rows >= B: padding rows, dropped). Returns
-    (tokens [R], cache)."""
-    TRACE_COUNTS["prefill"] += 1
-    model = nnx.merge(graphdef, state)
-    r, p = ids.shape
-    mask = jnp.arange(p)[None, :] < lens[:, None]
-    small = KVCache.create(model.cfg, r, p, cache.k[0].dtype)
-    router = None if tables is None else RowRouter(tables, slots, k_max=k_max)
-    plan = Plan.DENSE if tables is None else Plan.UNMERGED
-    positions = jnp.broadcast_to(jnp.arange(p)[None], (r, p))
-    out = decode_step(model, ids, positions, mask, small, plan, weights, routing=router)
-    last = jnp.take_along_axis(out.logits, (lens - 1)[:, None, None], axis=1)[:, 0]
-    tok = sample_rows(last, rs)
-    s = cache.length
-    k = [
-        c.at[rows, :p].set(x.astype(c.dtype), mode="drop")
-        for c, x in zip(cache.k, out.cache.k, strict=True)
-    ]
-    v = [
-        c.at[rows, :p].set(x.astype(c.dtype), mode="drop")
-        for c, x in zip(cache.v, out.cache.v, strict=True)
-    ]
-    valid = cache.valid.at[rows].set(jnp.pad(mask, ((0, 0), (0, s - p))), mode="drop")
-    return tok, KVCache(k=k, v=v, valid=valid, index=cache.index)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
-def _prepare_unmerged(graphdef, state, impl):
-    """The pool's FusedBanks per layer (rebuilt when the pool changes, not per step)."""
-    TRACE_COUNTS["prepare"] += 1
-    return prepare_unmerged(nnx.merge(graphdef, state), impl)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _create_merged(graphdef, state, banks) -> MergedWeights:
-    TRACE_COUNTS["prepare_merged"] += 1
-    return MergedWeights.create(nnx.merge(graphdef, state), banks, 1)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _merge(weights: MergedWeights, selection: tuple[Array, Array]) -> MergedWeights:
-    """Switch the merged weights to ``selection`` (timed apart: the scheduler's merge cost)."""
-    TRACE_COUNTS["merge"] += 1
-    return weights.switch(*selection)
 
 
 def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -210,7 +155,10 @@ class Engine:
     """Serve ``model`` (optionally with an ``AdapterPool`` attached) to many requests.
 
     Use ``submit``/``cancel`` from any thread; drive with ``step()`` (tests, benchmarks)
-    or ``start()`` a background thread. ``policy``: "adaptive" | "merged" | "unmerged".
+    or ``start()`` a background thread (``warmup=True``: it first compiles the step shapes,
+    and ``is_serving()`` turns true after that). ``policy``: "adaptive" | "merged" |
+    "unmerged". ``detokenize``: ids -> text (the tokenizer's decode); needed for stop
+    strings and gives each request its text. ``max_len`` defaults to the model's context.
     """
 
     def __init__(
@@ -226,10 +174,12 @@ class Engine:
         max_waiting: int | None = None,
         eos_token_ids: tuple[int, ...] | None = None,
         impl: str = "auto",
+        detokenize: Callable[[list[int]], str] | None = None,
+        warmup: bool = False,
     ):
         cfg = model.cfg
         self.model, self.cfg, self.pool, self.slots = model, cfg, pool, slots
-        self.max_len = int(max_len or min(cfg.max_position_embeddings, 2048))
+        self.max_len = int(max_len or cfg.max_position_embeddings)
         if self.max_len > cfg.max_position_embeddings:
             raise ValueError(
                 f"max_len={self.max_len} exceeds the model's context {cfg.max_position_embeddings}"
@@ -238,6 +188,7 @@ class Engine:
         self.prefill_rows = _pow2_buckets(1, max(1, min(max_prefill_rows, slots)))
         self.eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.impl = check_impl(impl)
+        self.detokenize, self.warmup = detokenize, warmup
         self.scheduler = Scheduler(
             slots, policy=policy, credit_limit=credit_limit, mergeable=self._mergeable
         )
@@ -245,16 +196,23 @@ class Engine:
         self._pool_version = -1
         self._unmerged: Any = None  # the pool's FusedBanks, per layer
         self._merged: MergedWeights | None = None
-        self.cache = KVCache.create(cfg, slots, self.max_len, model.dtype)
-        self.cache.index = jnp.zeros((slots,), jnp.int32)
+        self.cache = self._empty_cache()
         self.rows: list[Request | None] = [None] * slots
         self._inbox: collections.deque = collections.deque()
+        # Guards the inbox, the scheduler's queues and finishing: submit/cancel come from
+        # other threads. Re-entrant (a Condition over an RLock).
         self._cond = threading.Condition()
         self.steps = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
         self._stop = False
         self.last_error: BaseException | None = None
+
+    def _empty_cache(self) -> KVCache:
+        cache = KVCache.create(self.cfg, self.slots, self.max_len, self.model.dtype)
+        cache.index = jnp.zeros((self.slots,), jnp.int32)
+        return cache
 
     # ------------------------------------------------------------------ public API
     def validate(self, req: Request) -> None:
@@ -271,13 +229,21 @@ class Engine:
                 f"max_tokens={mt} is too large: prompt ({n} tokens) + max_tokens must be "
                 f"<= {self.max_len} (at most {self.max_len - n} here)"
             )
-        if any(not 0 <= t < self.cfg.vocab_size for t in req.prompt):
-            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        vocab = self.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t, _ in req.params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if req.adapter and (self.pool is None or req.adapter not in self.pool.names()):
             raise ValueError(f"unknown adapter {req.adapter!r}")
+        if req.params.stop and self.detokenize is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none")
 
     def submit(self, req: Request) -> Request:
         self.validate(req)
+        if self.detokenize is not None and req.stream is None:
+            sp = req.params
+            req.stream = StreamText(self.detokenize, sp.stop, min_tokens=sp.min_tokens)
         with self._cond:
             if self.max_waiting is not None and self.num_waiting >= self.max_waiting:
                 raise OverflowError(
@@ -288,9 +254,19 @@ class Engine:
         return req
 
     def cancel(self, req: Request) -> None:
+        """Cancel ``req``: at once while it waits, at the next step when it runs."""
         with self._cond:
-            self._inbox.append(("cancel", req))
-            self._cond.notify_all()
+            if req.finished:
+                return
+            queued = next((i for i, (op, r) in enumerate(self._inbox) if r is req), None)
+            if queued is not None and self._inbox[queued][0] == "add":
+                del self._inbox[queued]
+                self._finish(req, "cancelled")
+            elif req.row is None and self.scheduler.remove(req):
+                self._finish(req, "cancelled")
+            else:  # in a row (or being admitted): the engine thread frees it
+                self._inbox.append(("cancel", req))
+                self._cond.notify_all()
 
     @property
     def num_running(self) -> int:
@@ -326,7 +302,21 @@ class Engine:
             self._thread.join()
             self._thread = None
 
+    def is_serving(self) -> bool:
+        """Whether the background thread runs and has finished its warm-up (/health)."""
+        return self._thread is not None and self._thread.is_alive() and self._ready.is_set()
+
+    def is_starting(self) -> bool:
+        """Whether the background thread is still warming up."""
+        return self._thread is not None and self._thread.is_alive() and not self._ready.is_set()
+
     def _loop(self) -> None:
+        if self.warmup:
+            try:
+                self.warm_up()
+            except Exception:  # serve anyway: the steps compile on first use instead
+                log.exception("engine warm-up failed; shapes will compile on first use")
+        self._ready.set()
         while True:
             with self._cond:
                 while not self._stop and not self.has_work():
@@ -335,29 +325,61 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as e:  # keep serving: fail the requests in flight, not the server
-                self.last_error = e
-                self.stats["errors"] += 1
-                for r in [r for r in self.rows if r is not None]:
-                    self._finish(r, "error")
-                self.cache = KVCache.create(self.cfg, self.slots, self.max_len, self.model.dtype)
-                self.cache.index = jnp.zeros((self.slots,), jnp.int32)
+            except Exception as e:  # a fault outside any request's part of the step
+                self._fail([r for r in self.rows if r is not None], e)
+
+    # ------------------------------------------------------------------ warm-up
+    def warm_up(self, max_prompt_len: int | None = None, run_tokens: int = 1024) -> None:
+        """Compile the steps every request will use, so that no new prompt length (or a
+        first merged step) stalls running streams later: the prefill of each (prompt,
+        rows) bucket up to ``max_prompt_len`` (default: all) and the decode step of every
+        mode the policy may choose, each run once on empty rows (nothing is written).
+        Prefill buckets of more than ``run_tokens`` tokens are only compiled, not run:
+        with JAX's persistent compilation cache on (the CLI's default) their first use
+        then loads them from it instead of compiling."""
+        self._sync_state()
+        limit = max_prompt_len or self.max_len
+        static = dict(k_max=self._k_max, num_logprobs=0, prompt_logprobs=False)
+        for p in self.prefill_lens:
+            if p > limit and p != self.prefill_lens[0]:
+                break
+            for r in self.prefill_rows:
+                args = self._prefill_args([], p, r)
+                if p * r <= run_tokens:
+                    _, _, _, self.cache = steps.prefill_insert(*args, **static)
+                elif jax.config.jax_enable_compilation_cache:
+                    steps.prefill_insert.lower(*args, **static).compile()
+        idle = ([None] * self.slots, np.zeros((self.slots,), np.int32))
+        if self.pool is None:
+            self._run_decode(*idle, Plan.DENSE, None)
+            return
+        self._run_decode(*idle, Plan.UNMERGED, self._unmerged)
+        if self.scheduler.policy != "unmerged":  # merged steps: base weights, and an adapter's
+            self._run_decode(*idle, Plan.MERGED, None)
+            self._merged = steps.create_merged(self.graphdef, self.state, self._unmerged)
+            selection = (jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32))
+            self._merged = steps.switch_merged(self._merged, selection)  # gate 0: nothing merged
+            self._run_decode(*idle, Plan.MERGED, self._merged)
+        jax.block_until_ready(self.cache.k[0])
 
     # ------------------------------------------------------------------ one step
     def step(self) -> StepPlan:
         self._drain_inbox()
-        running = [r for r in self.rows if r is not None]
-        free = self.slots - len(running)
-        plan = self.scheduler.schedule(running, free)
-        for req in plan.preempt:
-            self._preempt(req)
+        with self._cond:
+            running = [r for r in self.rows if r is not None]
+            plan = self.scheduler.schedule(running, self.slots - len(running))
+            for req in plan.preempt:
+                self._preempt(req)
         admitted = self._admit(plan.admit)
         plan.run = [r for r in plan.run if r.row is not None and not r.finished]
         plan.run += [r for r in admitted if r not in plan.run and not r.finished]
         seconds = None
         if plan.run:
             t0 = time.perf_counter()
-            self._decode(plan)
+            try:
+                self._decode(plan)
+            except Exception as e:
+                self._fail(plan.run, e)
             seconds = time.perf_counter() - t0
         self.scheduler.observe(plan, seconds, [r for r in self.rows if r is not None])
         self.steps += 1
@@ -367,18 +389,36 @@ class Engine:
         with self._cond:
             ops = list(self._inbox)
             self._inbox.clear()
-        for op, req in ops:
-            if op == "add":
-                req.arrival_step = self.steps
-                self.scheduler.add(req)
-            elif not req.finished:
-                if req.row is None:
-                    self.scheduler.remove(req)
-                self._finish(req, "cancelled")
+            for op, req in ops:
+                if op == "add":
+                    req.arrival_step = self.steps
+                    self.scheduler.add(req)
+                elif not req.finished:
+                    if req.row is None:
+                        self.scheduler.remove(req)
+                    self._finish(req, "cancelled")
+
+    def _fail(self, reqs: list[Request], error: BaseException) -> None:
+        """Fail ``reqs`` (the requests a faulty call touched), log it, keep serving."""
+        self.last_error = error
+        self.stats["errors"] += 1
+        log.error("engine step failed for %d request(s): %r", len(reqs), error, exc_info=error)
+        for req in reqs:
+            if not req.finished:
+                req.error = f"{type(error).__name__}: {error}"
+                self._finish(req, "error")
+        if any(x.is_deleted() for x in jax.tree.leaves(self.cache)):
+            # The failed call consumed the donated cache: the other rows lost their KV.
+            # They return to their queues with their tokens and are prefilled again.
+            with self._cond:
+                for req in [r for r in self.rows if r is not None]:
+                    self._preempt(req)
+            self.cache = self._empty_cache()
 
     def preempt(self, req: Request) -> None:
         """Return a running request to the front of its queue (it keeps its tokens)."""
-        self._preempt(req)
+        with self._cond:
+            self._preempt(req)
 
     def _preempt(self, req: Request) -> None:
         self._free_row(req)
@@ -394,13 +434,23 @@ class Engine:
             self.pool.release(req.adapter)
             req.adapter_slot = None
 
+    def _send(self, req: Request, update: Update) -> None:
+        if req.sink is None:
+            return
+        try:
+            req.sink(req, update)
+        except Exception:  # a broken consumer must not take the step (or others) down
+            log.exception("the sink of %s failed", req.id)
+
     def _finish(self, req: Request, reason: str) -> None:
-        self._free_row(req)
-        req.finish_reason = reason
-        req.finished_at = time.perf_counter()
-        self.stats[f"finished_{reason}"] += 1
-        if req.sink is not None:
-            req.sink(req, [], True)
+        with self._cond:
+            if req.finished:
+                return
+            self._free_row(req)
+            req.finish_reason = reason
+            req.finished_at = time.perf_counter()
+            self.stats[f"finished_{reason}"] += 1
+        self._send(req, Update([], finished=True))
         req.done_event.set()
 
     def _sync_state(self) -> None:
@@ -410,7 +460,7 @@ class Engine:
             return
         self.graphdef, self.state = nnx.split(self.model)
         if self.pool is not None:
-            self._unmerged = _prepare_unmerged(self.graphdef, self.state, self.impl)
+            self._unmerged = steps.prepare_banks(self.graphdef, self.state, self.impl)
         if self._merged is not None:  # re-stacked from the new banks on the next merged step
             self._merged = None
             self.scheduler.merged_adapter = None
@@ -432,12 +482,19 @@ class Engine:
     def _admit(self, reqs: list[Request]) -> list[Request]:
         placed = []
         for req in reqs:
-            if req.adapter:
-                slot = self.pool.acquire(req.adapter)
-                if slot is None:  # every pool slot pinned: wait for one to free up
-                    self.scheduler.add(req, front=True)
-                    continue
-                req.adapter_slot = slot
+            if req.finished:  # cancelled between scheduling and admission
+                continue
+            try:
+                if req.adapter:
+                    slot = self.pool.acquire(req.adapter)
+                    if slot is None:  # every pool slot pinned: wait for one to free up
+                        with self._cond:
+                            self.scheduler.add(req, front=True)
+                        continue
+                    req.adapter_slot = slot
+            except Exception as e:  # e.g. the adapter was unloaded while it waited
+                self._fail([req], e)
+                continue
             req.row = self.rows.index(None)
             self.rows[req.row] = req
             placed.append(req)
@@ -450,17 +507,20 @@ class Engine:
             while group:
                 r = next((b for b in self.prefill_rows if b >= len(group)), self.prefill_rows[-1])
                 chunk, group = group[:r], group[r:]
-                self._prefill(chunk, p, r)
+                try:
+                    self._prefill(chunk, p, r)
+                except Exception as e:
+                    self._fail(chunk, e)
         return placed
 
-    def _prefill(self, chunk: list[Request], p: int, r: int) -> None:
+    def _prefill_args(self, chunk: list[Request], p: int, r: int) -> tuple:
         ids = np.zeros((r, p), np.int32)
         lens = np.ones((r,), np.int32)
         rows = np.full((r,), self.slots, np.int32)  # padding rows: out of range, dropped
         for i, req in enumerate(chunk):
             seq = req.prompt + req.output
             ids[i, : len(seq)], lens[i], rows[i] = seq, len(seq), req.row
-        tok, self.cache = _prefill_insert(
+        return (
             self.graphdef,
             self.state,
             self._unmerged,
@@ -471,10 +531,31 @@ class Engine:
             jnp.asarray(rows),
             self._adapter_slots(chunk, r),
             self._sampling(chunk, r),
+        )
+
+    def _prefill(self, chunk: list[Request], p: int, r: int) -> None:
+        n_lp = logprob_bucket(self._max_logprobs(chunk))
+        # Prompt log-probabilities once per request (not again when resumed).
+        want_prompt = [req.params.prompt_logprobs and req.prompt_logprobs is None for req in chunk]
+        tok, lp, prompt_lp, self.cache = steps.prefill_insert(
+            *self._prefill_args(chunk, p, r),
             k_max=self._k_max,
+            num_logprobs=n_lp,
+            prompt_logprobs=any(want_prompt),
         )
         self.stats["prefills"] += 1
-        self._emit(chunk, np.asarray(tok)[: len(chunk)])
+        lp, prompt_lp = steps.host_logprobs(lp), steps.host_logprobs(prompt_lp)
+        for i, req in enumerate(chunk):
+            if want_prompt[i]:
+                n = req.params.logprobs or 0
+                req.prompt_logprobs = steps.logprob_entries(prompt_lp, i, req.prompt[1:], n)
+        self._emit(chunk, np.asarray(tok)[: len(chunk)], lp)
+
+    def _max_logprobs(self, reqs: list[Request | None]) -> int | None:
+        wanted = [
+            r.params.logprobs for r in reqs if r is not None and r.params.logprobs is not None
+        ]
+        return max(wanted) if wanted else None
 
     def _adapter_slots(self, reqs: list[Request | None], n: int) -> Array:
         """[n] base slot of each row's adapter (-1: no adapter, or no request)."""
@@ -486,9 +567,17 @@ class Engine:
 
     def _sampling(self, reqs: list[Request | None], n: int) -> RowSampling:
         reqs = list(reqs) + [None] * (n - len(reqs))
+        adjust = None
+        if any(r is not None and r.params.adjusts_logits for r in reqs):
+            adjust = LogitAdjust.build(
+                [None if r is None else (r.params, r.prompt, r.output) for r in reqs],
+                self.cfg.vocab_size,
+                self.eos,
+            )
         return RowSampling.from_params(
             [None if r is None else r.params for r in reqs],
             [0 if r is None else len(r.output) for r in reqs],
+            adjust,
         )
 
     # ------------------------------------------------------------------ decode
@@ -498,12 +587,12 @@ class Engine:
         if not adapter:
             return None
         if self._merged is None:
-            self._merged = _create_merged(self.graphdef, self.state, self._unmerged)
+            self._merged = steps.create_merged(self.graphdef, self.state, self._unmerged)
         if adapter != self.scheduler.merged_adapter:
             slot = self.pool.slot_of(adapter)
             selection = (jnp.asarray([slot], jnp.int32), jnp.ones((1,), jnp.float32))
             t0 = time.perf_counter()
-            self._merged = jax.block_until_ready(_merge(self._merged, selection))
+            self._merged = jax.block_until_ready(steps.switch_merged(self._merged, selection))
             self.scheduler.timing.observe_merge(time.perf_counter() - t0)
             self.stats["merges"] += 1
         self.scheduler.merged_adapter = adapter
@@ -511,25 +600,32 @@ class Engine:
 
     def _decode(self, plan: StepPlan) -> None:
         self._sync_state()
-        b = self.slots
         run = set(id(r) for r in plan.run)
-        active = np.zeros((b,), bool)
-        tokens = np.zeros((b,), np.int32)
-        positions = np.zeros((b,), np.int32)
-        reqs: list[Request | None] = [None] * b
+        reqs: list[Request | None] = [
+            r if r is not None and id(r) in run else None for r in self.rows
+        ]
+        positions = np.zeros((self.slots,), np.int32)
         for i, req in enumerate(self.rows):
-            if req is None:
-                continue
-            positions[i] = req.num_tokens_total - 1  # slot of the last (not yet fed) token
-            if id(req) in run:
-                active[i], tokens[i], reqs[i] = True, req.output[-1], req
+            if req is not None:
+                positions[i] = req.num_tokens_total - 1  # slot of the last (not yet fed) token
         if plan.mode == "merged":
             weights, mode = self._switch_merged(plan.adapter or ""), Plan.MERGED
         elif self.pool is None:
             weights, mode = None, Plan.DENSE  # no adapters: plain products
         else:
             weights, mode = self._unmerged, Plan.UNMERGED
-        nxt, self.cache = _decode_step(
+        nxt, lp = self._run_decode(reqs, positions, mode, weights)
+        self.stats[f"steps_{plan.mode}"] += 1
+        live = [r for r in reqs if r is not None]
+        self._emit(live, nxt[[r.row for r in live]], lp, [r.row for r in live])
+
+    def _run_decode(
+        self, reqs: list[Request | None], positions: np.ndarray, mode: Plan, weights: Any
+    ) -> tuple[np.ndarray, Any]:
+        """One decode step over all rows (``reqs[b]``: the request row b runs, or None)."""
+        active = np.asarray([r is not None for r in reqs])
+        tokens = np.asarray([0 if r is None else r.output[-1] for r in reqs], np.int32)
+        nxt, lp, self.cache = steps.decode_rows(
             self.graphdef,
             self.state,
             weights,
@@ -538,29 +634,48 @@ class Engine:
             jnp.asarray(tokens),
             jnp.asarray(positions),
             jnp.asarray(active),
-            self._adapter_slots(reqs, b),
-            self._sampling(reqs, b),
+            self._adapter_slots(reqs, self.slots),
+            self._sampling(reqs, self.slots),
             plan=mode,
             k_max=self._k_max,
+            num_logprobs=logprob_bucket(self._max_logprobs(reqs)),
         )
-        nxt = np.asarray(nxt)
-        self.stats[f"steps_{plan.mode}"] += 1
-        live = [r for r in reqs if r is not None]
-        self._emit(live, nxt[[r.row for r in live]])
+        return np.asarray(nxt), steps.host_logprobs(lp)
 
-    def _emit(self, reqs: list[Request], toks: np.ndarray) -> None:
+    def _emit(
+        self, reqs: list[Request], toks: np.ndarray, lp: Any, lp_rows: list[int] | None = None
+    ) -> None:
+        """Append each request's new token, advance its text, send the update and retire
+        it when finished. ``lp``: the step's TokenLogprobs (row ``lp_rows[i]`` for reqs[i];
+        default i) or None."""
         now = time.perf_counter()
-        for req, t in zip(reqs, toks, strict=True):
-            t = int(t)
+        for i, (req, t) in enumerate(zip(reqs, toks, strict=True)):
+            sp, t = req.params, int(t)
+            if req.finished:
+                continue
+            if sp.max_tokens == 0:  # scoring the prompt only (echo): the sample is dropped
+                self._finish(req, "length")
+                continue
             req.output.append(t)
             req.token_times.append(now)
             if req.first_token_at is None:
                 req.first_token_at, req.first_token_step = now, self.steps
             self.stats["tokens"] += 1
-            if req.sink is not None:
-                req.sink(req, [t], False)
-            sp = req.params
+            entries = []
+            if lp is not None and sp.logprobs is not None:
+                row = i if lp_rows is None else lp_rows[i]
+                entries = steps.logprob_entries(lp, row, [t], sp.logprobs)
+                req.logprobs += entries
+            reason = None
             if t in sp.stop_token_ids or (not sp.ignore_eos and t in self.eos):
-                self._finish(req, "stop")
+                reason = "stop"
             elif len(req.output) >= sp.max_tokens or req.num_tokens_total >= self.max_len:
-                self._finish(req, "length")
+                reason = "length"
+            delta = ""
+            if req.stream is not None:
+                delta, hit = req.stream.push([t], final=reason is not None)
+                req.text += delta
+                reason = "stop" if hit else reason
+            self._send(req, Update([t], delta, entries))
+            if reason is not None:
+                self._finish(req, reason)

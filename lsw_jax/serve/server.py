@@ -1,24 +1,32 @@
 """OpenAI-compatible HTTP API over the engine (Starlette + uvicorn).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true``
-as server-sent events ``data: {...}`` ending ``data: [DONE]``), ``GET /v1/models`` (the
-base model and every adapter; a request's ``model`` field picks the adapter), ``GET
-/health``, ``GET /metrics`` (Prometheus text).
+as server-sent events ``data: {...}`` ending ``data: [DONE]``), ``GET /v1/models`` and
+``GET /v1/models/{id}`` (the base model and every adapter; a request's ``model`` field
+picks the adapter), ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``
+(vLLM's bodies; lm-eval's remote tokenizer uses them), ``POST /v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter`` (vLLM's), ``GET /health`` (503 while warming up),
+``GET /metrics`` (Prometheus text).
 
 The engine runs in its own thread; handlers read the body, hand parsing, validation
-(``api_schema``) and tokenization to a small thread pool, submit, and await an asyncio
-queue the engine fills through ``loop.call_soon_threadsafe``: the event loop never blocks
-on JAX or on a large prompt. A client that disconnects cancels its request, which frees
-the request's row at the engine's next step. Errors are JSON ``{"error": {"message",
-"type", "param", "code"}}`` with a 4xx status.
+(``api_schema``) and tokenization to a small thread pool, submit one engine request per
+choice (``n`` per prompt, prompts may be a batch), and await an asyncio queue the engine
+fills through ``loop.call_soon_threadsafe``: the event loop never blocks on JAX or on a
+large prompt. Stop strings, text and log-probabilities come from the engine (so usage is
+exact and streamed text equals non-streamed text); this module only lays them out
+(``openai_format``). A client that disconnects cancels its requests. Errors are JSON
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx status (500 only when an
+engine step failed for the request). Every field a route does not implement is a 400
+naming it (``api_schema.check_fields``).
 
 What one client may cost is bounded by ``HttpLimits``: body size (413, from Content-Length
 or while streaming in), body and header read deadlines (408 / disconnect), keep-alive idle
 time, open connections (503); ``run_server`` refuses a non-loopback host without an API key
 unless told otherwise.
 
-Extensions beyond OpenAI's fields: ``top_k``, ``stop_token_ids``, ``ignore_eos``, and
-``token_ids`` (the generated ids) in each non-streamed choice; a prompt may be token ids.
+Extensions beyond OpenAI's fields (vLLM's names): ``top_k``, ``min_tokens``,
+``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, and ``token_ids`` (the generated
+ids) in each non-streamed choice; a prompt may be token ids.
 """
 
 from __future__ import annotations
@@ -30,10 +38,8 @@ import dataclasses
 import functools
 import hmac
 import ipaddress
-import json
 import logging
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +50,21 @@ from lsw_jax.loading import load_model, load_tokenizer
 from lsw_jax.serve.adapter_pool import AdapterPool, read_adapter
 from lsw_jax.serve.api_schema import (
     ApiError,
+    check_fields,
+    choices_per_prompt,
     flag,
+    include_usage,
+    message_text,
     parse_body,
     sampling_params,
-    stop_strings,
     token_ids,
+    with_default_max_tokens,
 )
+from lsw_jax.serve.call import Call, Job, error_response
 from lsw_jax.serve.engine import Engine, Request
+from lsw_jax.serve.openai_format import (
+    TokenText,
+)
 
 try:  # the HTTP stack is optional: hosts that only generate (the GPU machines) lack it
     from starlette.applications import Starlette
@@ -80,32 +94,6 @@ class HttpLimits:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) <= 0:
                 raise ValueError(f"{f.name}={getattr(self, f.name)} must be > 0")
-
-
-_ERROR_TYPES = {
-    401: "authentication_error",
-    404: "not_found_error",
-    408: "timeout_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-}
-
-
-def _error_response(e: ApiError) -> Response:
-    body = {
-        "error": {
-            "message": e.message,
-            "type": _ERROR_TYPES.get(e.status, "invalid_request_error"),
-            "param": e.param,
-            "code": e.code,
-        }
-    }
-    # The client may still be sending a body we will not read: close, do not reuse.
-    headers = {"connection": "close"} if e.status in (408, 413) else None
-    # ASCII JSON: the message may quote the client's text, even invalid Unicode.
-    return Response(
-        json.dumps(body), status_code=e.status, headers=headers, media_type="application/json"
-    )
 
 
 # ---------------------------------------------------------------------- metrics
@@ -141,10 +129,9 @@ class Metrics:
             registry=r,
         )
 
-    def finished(self, req: Request, reason: str) -> None:
-        """Count a finished request; ``reason`` is what the client was told ("stop" for a
-        stop string, which the engine sees as a cancellation)."""
-        self.requests.labels(reason).inc()
+    def finished(self, req: Request) -> None:
+        """Count a finished request by its finish reason (a stop string is "stop")."""
+        self.requests.labels(req.finish_reason).inc()
         self.prompt_tokens.inc(len(req.prompt))
         self.gen_tokens.inc(len(req.output))
         if req.first_token_at is not None:
@@ -168,25 +155,6 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _Detok:
-    """Incremental detokenizer: the text of all tokens so far, emitted as deltas."""
-
-    def __init__(self, tokenizer: Any):
-        self.tok, self.ids, self.sent = tokenizer, [], ""
-
-    def push(self, ids: list[int], *, final: bool = False) -> str:
-        """The new text; ``final``: the last call, which emits an unfinished UTF-8
-        sequence as U+FFFD rather than dropping it."""
-        self.ids += ids
-        if self.tok is None:
-            return ""
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd") and not final:  # incomplete UTF-8: wait for more bytes
-            return ""
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
-
-
 # ---------------------------------------------------------------------- the app
 
 
@@ -207,10 +175,13 @@ class Server:
         if Starlette is None:
             raise ImportError("serving needs starlette and uvicorn: pip install starlette uvicorn")
         self.engine, self.tokenizer, self.model_id = engine, tokenizer, model_id
+        if tokenizer is not None and engine.detokenize is None:
+            engine.detokenize = tokenizer.decode  # stop strings and text live in the engine
         self.api_key, self.max_tokens_default = api_key, max_tokens_default
         self.limits = limits
         self.vocab_size = vocab_size or engine.cfg.vocab_size
         self.metrics = Metrics(engine)
+        self.token_text = TokenText(tokenizer)
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
         self.app = self._build()
 
@@ -219,8 +190,14 @@ class Server:
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_route, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/tokenizer_info", self.tokenizer_info, methods=["GET"]),
+            Route("/v1/load_lora_adapter", self.load_adapter, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self.unload_adapter, methods=["POST"]),
         ]
 
         @contextlib.asynccontextmanager
@@ -275,8 +252,31 @@ class Server:
                 raise ApiError(413, f"request body exceeds {limit} bytes")
             chunks.append(chunk)
 
+    async def _json_route(self, request, work, *, auth: bool = True) -> Response:
+        """Auth, read and parse the body, run ``work(body)`` on a worker thread (it may
+        tokenize megabytes or read adapter files), answer its result or its ApiError."""
+        try:
+            if auth:
+                self._check_auth(request)
+            raw = await self._read_body(request)
+            body = await self._off_loop(parse_body, raw, self.limits.max_json_depth)
+            result = await self._off_loop(work, body)
+        except ApiError as e:
+            self.metrics.rejected.labels(str(e.status)).inc()
+            return error_response(e)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        return result if isinstance(result, Response) else JSONResponse(result)
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(
+            self._workers, functools.partial(fn, *args)
+        )
+
     def _adapter(self, body: dict) -> tuple[str, str | None]:
         model = body.get("model", self.model_id)
+        if model is None:
+            model = self.model_id
         if not isinstance(model, str):
             raise ApiError(400, "'model' must be a string", "model")
         if model == self.model_id:
@@ -292,73 +292,240 @@ class Server:
             )
         return model, model
 
-    def _encode(self, text: str, *, special: bool) -> list[int]:
+    def _encode(self, text: str, *, special: bool, field: str = "prompt") -> list[int]:
         if self.tokenizer is None:
-            raise ApiError(
-                400, "this server has no tokenizer: send the prompt as token ids", "prompt"
-            )
+            raise ApiError(400, "this server has no tokenizer: send the prompt as token ids", field)
         return self.tokenizer.encode(text, add_special_tokens=special)
 
-    def _prompt_ids(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            return self._encode(prompt, special=True)
-        if isinstance(prompt, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            return token_ids(prompt, "prompt", self.vocab_size)
-        raise ApiError(
-            400, "'prompt' must be a string or a list of token ids (one prompt)", "prompt"
-        )
+    def _prompts(self, prompt: Any) -> list[list[int]]:
+        """``prompt``: a string, token ids, or a non-empty list of strings / token-id lists."""
+        if isinstance(prompt, str) or _is_ids(prompt):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise ApiError(
+                400,
+                "'prompt' must be a string, a list of token ids, or a non-empty list of "
+                "strings or of token-id lists",
+                "prompt",
+            )
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                out.append(self._encode(p, special=True))
+            elif _is_ids(p):
+                out.append(token_ids(p, "prompt", self.vocab_size))
+            else:
+                raise ApiError(400, "each prompt must be a string or a list of token ids", "prompt")
+        return out
 
-    def _prepare(
-        self, raw: bytes, chat: bool
-    ) -> tuple[str, str | None, list[int], Any, list, bool]:
+    def _chat_ids(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty list", "messages")
+        msgs = [message_text(m, i) for i, m in enumerate(messages)]
+        if self.tokenizer is None or self.tokenizer.chat_template is None:
+            raise ApiError(400, "this model has no chat template: use /v1/completions", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                msgs, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as e:  # template errors (raise_exception) are the client's input
+            raise ApiError(400, f"cannot apply the chat template: {e}", "messages") from None
+        return self._encode(text, special=False, field="messages")
+
+    def _prepare(self, raw: bytes, chat: bool) -> Job:
         """Parse, validate and tokenize a request body (on a worker thread: a 4 MB prompt
-        takes seconds to tokenize). Returns (model, adapter, ids, params, stops, stream)."""
+        takes seconds to tokenize)."""
         body = parse_body(raw, self.limits.max_json_depth)
+        check_fields(body, chat)
         model, adapter = self._adapter(body)
+        texts: list[str | None] = [None]
         if chat:
-            ids = self._chat_ids(body.get("messages"))
+            prompts = [self._chat_ids(body.get("messages"))]
         else:
             if "prompt" not in body:
                 raise ApiError(400, "'prompt' is required", "prompt")
-            ids = self._prompt_ids(body["prompt"])
-        params = sampling_params(
-            body, self.max_tokens_default, self.engine.max_len, self.vocab_size
+            prompts = self._prompts(body["prompt"])
+            given = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+            texts = [p if isinstance(p, str) else None for p in given]
+            if len(texts) != len(prompts):  # one prompt given as token ids
+                texts = [None]
+        limit = self.engine.max_len
+        params, given = sampling_params(body, limit, self.vocab_size, chat=chat)
+        default = None if chat else self.max_tokens_default
+        per_prompt = [
+            params if given else with_default_max_tokens(params, len(p), limit, default)
+            for p in prompts
+        ]
+        return Job(
+            chat=chat,
+            model=model,
+            adapter=adapter,
+            prompts=prompts,
+            prompt_texts=texts,
+            params=per_prompt,
+            n=choices_per_prompt(body),
+            stream=flag(body, "stream"),
+            include_usage=include_usage(body),
+            echo=not chat and flag(body, "echo"),
         )
-        return model, adapter, ids, params, stop_strings(body), flag(body, "stream")
 
     # ------------------------------------------------------------------ routes
     async def health(self, request):
-        ok = self.engine._thread is not None and self.engine._thread.is_alive()
-        return JSONResponse({"status": "ok" if ok else "stopped"}, status_code=200 if ok else 503)
+        if self.engine.is_serving():
+            return JSONResponse({"status": "ok"})
+        status = "starting" if self.engine.is_starting() else "stopped"
+        return JSONResponse({"status": status}, status_code=503)
 
     async def metrics_route(self, request):
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    async def models(self, request):
-        try:
-            self._check_auth(request)
-        except ApiError as e:
-            return _error_response(e)
+    def _model_cards(self) -> list[dict]:
         now = int(time.time())
-        data = [{"id": self.model_id, "object": "model", "created": now, "owned_by": "lsw-jax"}]
-        for name, info in self.engine.pool.describe().items():
+        base = {"object": "model", "created": now, "owned_by": "lsw-jax"}
+        data = [{"id": self.model_id, **base, "max_model_len": self.engine.max_len}]
+        pool = self.engine.pool
+        for name, info in ({} if pool is None else pool.describe()).items():
             data.append(
                 {
                     "id": name,
-                    "object": "model",
-                    "created": now,
-                    "owned_by": "lsw-jax",
+                    **base,
                     "parent": self.model_id,
+                    "root": info["source"],
+                    "max_model_len": self.engine.max_len,
                     "kind": info["kind"],  # lora | switch | mola
                     "num_experts": info["num_experts"],
                     "top_k": info["top_k"],
                 }
             )
-        return JSONResponse({"object": "list", "data": data})
+        return data
+
+    async def models(self, request):
+        try:
+            self._check_auth(request)
+        except ApiError as e:
+            return error_response(e)
+        return JSONResponse({"object": "list", "data": self._model_cards()})
+
+    async def model(self, request):
+        try:
+            self._check_auth(request)
+            model_id = request.path_params["model_id"]
+            card = next((c for c in self._model_cards() if c["id"] == model_id), None)
+            if card is None:
+                raise ApiError(
+                    404, f"the model {model_id!r} does not exist", "model", "model_not_found"
+                )
+        except ApiError as e:
+            return error_response(e)
+        return JSONResponse(card)
+
+    async def tokenize(self, request):
+        """vLLM's body: ``{"prompt": str, "add_special_tokens": true}`` or ``{"messages":
+        [...], "add_generation_prompt": true}`` -> ``{count, max_model_len, tokens}``."""
+
+        def work(body: dict) -> dict:
+            _check_known(body, {"model", "prompt", "messages", "add_special_tokens",
+                                "add_generation_prompt", "return_token_strs"})  # fmt: skip
+            self._adapter(body)
+            if body.get("messages") is not None:
+                ids = self._chat_ids(body["messages"], flag_default(body, "add_generation_prompt"))
+            elif isinstance(body.get("prompt"), str):
+                special = flag_default(body, "add_special_tokens")
+                ids = self._encode(body["prompt"], special=special)
+            else:
+                raise ApiError(400, "give 'prompt' (a string) or 'messages'", "prompt")
+            strs = [self.token_text(t) for t in ids] if flag(body, "return_token_strs") else None
+            return {
+                "count": len(ids),
+                "max_model_len": self.engine.max_len,
+                "tokens": ids,
+                "token_strs": strs,
+            }
+
+        return await self._json_route(request, work)
+
+    async def detokenize(self, request):
+        """vLLM's body: ``{"tokens": [ids]}`` -> ``{"prompt": text}``."""
+
+        def work(body: dict) -> dict:
+            _check_known(body, {"model", "tokens"})
+            self._adapter(body)
+            ids = token_ids(body.get("tokens"), "tokens", self.vocab_size)
+            if self.tokenizer is None:
+                raise ApiError(400, "this server has no tokenizer", "tokens")
+            return {"prompt": self.tokenizer.decode(ids)}
+
+        return await self._json_route(request, work)
+
+    async def tokenizer_info(self, request):
+        """The tokenizer's special tokens and chat template (lm-eval's remote tokenizer)."""
+        try:
+            self._check_auth(request)
+            tok = self.tokenizer
+            if tok is None:
+                raise ApiError(404, "this server has no tokenizer")
+        except ApiError as e:
+            return error_response(e)
+        return JSONResponse(
+            {
+                "tokenizer_class": type(tok).__name__,
+                "bos_token": tok.bos_token,
+                "eos_token": tok.eos_token,
+                "pad_token": tok.pad_token,
+                "unk_token": tok.unk_token,
+                "chat_template": tok.chat_template,
+                "model_max_length": self.engine.max_len,
+                "vocab_size": self.vocab_size,
+            }
+        )
+
+    async def load_adapter(self, request):
+        """vLLM's ``{"lora_name", "lora_path"}``: a PEFT folder or a stored adapter of the
+        checkpoint (any kind), checked against the model before it can serve."""
+
+        def work(body: dict) -> Response:
+            _check_known(body, {"lora_name", "lora_path", "load_inplace"})
+            name, path = body.get("lora_name"), body.get("lora_path")
+            if not isinstance(name, str) or not isinstance(path, str) or not path:
+                raise ApiError(400, "give 'lora_name' and 'lora_path' as strings", "lora_name")
+            pool = self._pool_for_adapters()
+            if name == self.model_id or name in pool.names():
+                raise ApiError(400, f"the adapter {name!r} is already loaded", "lora_name")
+            try:
+                pool.register(name, path)
+            except (ValueError, KeyError, OSError) as e:
+                raise ApiError(400, f"cannot load adapter {name!r}: {e}", "lora_path") from None
+            log.info("loaded adapter %r from %s", name, path)
+            return Response(f"Success: LoRA adapter '{name}' added successfully.")
+
+        return await self._json_route(request, work)
+
+    async def unload_adapter(self, request):
+        def work(body: dict) -> Response:
+            _check_known(body, {"lora_name", "lora_int_id"})
+            name = body.get("lora_name")
+            if not isinstance(name, str):
+                raise ApiError(400, "give 'lora_name' as a string", "lora_name")
+            pool = self._pool_for_adapters()
+            if name not in pool.names():
+                raise ApiError(404, f"the adapter {name!r} is not loaded", "lora_name")
+            try:
+                pool.remove(name)
+            except ValueError as e:  # still pinned by running requests
+                raise ApiError(400, str(e), "lora_name") from None
+            log.info("unloaded adapter %r", name)
+            return Response(f"Success: LoRA adapter '{name}' removed successfully.")
+
+        return await self._json_route(request, work)
+
+    def _pool_for_adapters(self) -> Any:
+        if self.engine.pool is None:
+            raise ApiError(
+                400,
+                "this server has no adapter pool: start it with --enable-lora (or --adapters)",
+                "lora_name",
+            )
+        return self.engine.pool
 
     async def completions(self, request):
         return await self._handle(request, chat=False)
@@ -370,199 +537,35 @@ class Server:
         try:
             self._check_auth(request)
             raw = await self._read_body(request)
-            work = functools.partial(self._prepare, raw, chat)
-            loop = asyncio.get_running_loop()
-            model, adapter, ids, params, stops, stream = await loop.run_in_executor(
-                self._workers, work
-            )
-            call = _Call(self, request, chat, model, stops)
-            req = Request(ids, params, adapter=adapter, sink=call.sink)
-            call.req = req
-            try:
-                self.engine.submit(req)
-            except OverflowError as e:
-                raise ApiError(429, str(e)) from None
-            except ValueError as e:
-                raise ApiError(400, str(e), "prompt" if "prompt" in str(e) else None) from None
+            job = await self._off_loop(self._prepare, raw, chat)
+            call = Call(self, request, job)
+            call.submit()
         except ApiError as e:
             self.metrics.rejected.labels(str(e.status)).inc()
-            return _error_response(e)
+            return error_response(e)
         except ClientDisconnect:  # gone while sending its body: nobody to answer
             return Response(status_code=499)
-        if stream:
+        if job.stream:
             return StreamingResponse(call.sse(), media_type="text/event-stream")
         return await call.complete()
 
-    def _chat_ids(self, messages: Any) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list", "messages")
-        for m in messages:
-            if not (
-                isinstance(m, dict)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
-            ):
-                raise ApiError(
-                    400,
-                    "each message must be an object with string 'role' and 'content'",
-                    "messages",
-                )
-        if self.tokenizer is None or self.tokenizer.chat_template is None:
-            raise ApiError(400, "this model has no chat template: use /v1/completions", "messages")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:  # template errors (raise_exception) are the client's input
-            raise ApiError(400, f"cannot apply the chat template: {e}", "messages") from None
-        return self._encode(text, special=False)
+
+def _is_ids(x: Any) -> bool:
+    return (
+        isinstance(x, list)
+        and bool(x)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+    )
 
 
-class _Call:
-    """One HTTP request's view of its engine request: an asyncio queue fed by the engine."""
+def _check_known(body: dict, fields: set[str]) -> None:
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise ApiError(400, f"unknown field '{unknown[0]}'", unknown[0])
 
-    def __init__(self, server: Server, request: Any, chat: bool, model: str, stops: list[str]):
-        self.server, self.request, self.chat, self.model, self.stops = (
-            server,
-            request,
-            chat,
-            model,
-            stops,
-        )
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.req: Request | None = None
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-        self.detok = _Detok(server.tokenizer)
-        self.text = ""
-        self.stopped_by_string = False
 
-    def sink(self, req: Request, tokens: list[int], finished: bool) -> None:  # engine thread
-        if finished:
-            reason = "stop" if self.stopped_by_string else req.finish_reason
-            self.server.metrics.finished(req, reason)
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (list(tokens), finished))
-        except RuntimeError:  # the event loop is gone (shutdown)
-            pass
-
-    async def deltas(self):
-        """Yield text deltas; returns when the request finished or hit a stop string."""
-        while True:
-            tokens, finished = await self.queue.get()
-            delta = self.detok.push(tokens, final=finished) if tokens or finished else ""
-            if delta and self.stops:
-                full = self.text + delta
-                cut = min((i for i in (full.find(s) for s in self.stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    delta = full[len(self.text) : cut] if cut > len(self.text) else ""
-                    self.text = full[:cut]
-                    self.stopped_by_string = True
-                    self.server.engine.cancel(self.req)
-                    if delta:
-                        yield delta
-                    return
-            self.text += delta
-            if delta:
-                yield delta
-            if finished:
-                return
-
-    @property
-    def finish_reason(self) -> str:
-        if self.stopped_by_string:
-            return "stop"
-        reason = self.req.finish_reason
-        return "stop" if reason == "cancelled" else (reason or "stop")
-
-    def _usage(self) -> dict:
-        n_out = len(self.req.output)
-        return {
-            "prompt_tokens": len(self.req.prompt),
-            "completion_tokens": n_out,
-            "total_tokens": len(self.req.prompt) + n_out,
-        }
-
-    def _chunk(self, delta: str | None, finish: str | None, first: bool = False) -> str:
-        if self.chat:
-            d = {} if delta is None else {"content": delta}
-            if first:
-                d = {"role": "assistant", "content": ""}
-            choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            obj = "text_completion"
-        payload = {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
-        return f"data: {json.dumps(payload)}\n\n"
-
-    async def sse(self):
-        finished = False
-        try:
-            if self.chat:
-                yield self._chunk(None, None, first=True)
-            async for delta in self.deltas():
-                yield self._chunk(delta, None)
-            finished = True
-            yield self._chunk(None, self.finish_reason)
-            yield "data: [DONE]\n\n"
-        finally:
-            if not finished and not self.req.finished:
-                self.server.engine.cancel(self.req)  # the client went away
-
-    async def complete(self):
-        async def collect():
-            async for _ in self.deltas():
-                pass
-
-        async def disconnected():
-            while True:
-                msg = await self.request.receive()
-                if msg["type"] == "http.disconnect":
-                    return
-
-        work = asyncio.ensure_future(collect())
-        watch = asyncio.ensure_future(disconnected())
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():
-            work.cancel()
-            self.server.engine.cancel(self.req)
-            return Response(status_code=499)
-        watch.cancel()
-        ids = list(self.req.output)
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": self.text},
-                "finish_reason": self.finish_reason,
-                "logprobs": None,
-                "token_ids": ids,
-            }
-            obj = "chat.completion"
-        else:
-            choice = {
-                "index": 0,
-                "text": self.text,
-                "finish_reason": self.finish_reason,
-                "logprobs": None,
-                "token_ids": ids,
-            }
-            obj = "text_completion"
-        return JSONResponse(
-            {
-                "id": self.id,
-                "object": obj,
-                "created": self.created,
-                "model": self.model,
-                "choices": [choice],
-                "usage": self._usage(),
-            }
-        )
+def flag_default(body: dict, name: str, default: bool = True) -> bool:
+    return default if body.get(name) is None else flag(body, name)
 
 
 # ---------------------------------------------------------------------- building and running
@@ -585,20 +588,25 @@ def build_server(
     max_waiting: int = 256,
     verify_checksums: bool = True,
     limits: HttpLimits = HttpLimits(),
+    enable_lora: bool = False,
+    warmup: bool = True,
 ) -> Server:
     """Load a checkpoint (and its tokenizer), attach an adapter pool, wrap it in a Server.
 
     adapters: name -> PEFT directory or stored adapter of any kind (plain LoRA, LoRA-Switch,
     MoLA). The pool holds ``pool_slots`` expert slots (an adapter of E experts takes E),
     grown to the largest registered adapter; ``pool_max_experts`` / ``pool_top_k`` bound
-    what it accepts (adapters given here raise them as needed).
+    what it accepts (adapters given here raise them as needed). ``enable_lora``: a pool
+    even without ``adapters``, for ``/v1/load_lora_adapter``. ``max_len``: the served
+    context (default: the model's). ``warmup``: compile the step shapes before /health
+    says ready.
     """
     ckpt = absolute(ckpt)
     model = load_model(ckpt, dtype=dtype, verify_checksums=verify_checksums)
     tok = load_tokenizer(ckpt)
     pool = None
-    if adapters:
-        hosts = [read_adapter(model.cfg, name, src, ckpt) for name, src in adapters.items()]
+    if adapters or enable_lora:
+        hosts = [read_adapter(model.cfg, name, src, ckpt) for name, src in (adapters or {}).items()]
         experts = max([pool_max_experts] + [h.num_experts for h in hosts])
         pool = AdapterPool(
             model,
@@ -621,6 +629,8 @@ def build_server(
         policy=policy,
         max_waiting=max_waiting,
         eos_token_ids=eos,
+        detokenize=None if tok is None else tok.decode,
+        warmup=warmup,
     )
     return Server(
         engine,

@@ -1,0 +1,159 @@
+"""What log-probabilities cost the serving engine's decode (issue target: <= 10% when
+requested, nothing when not).
+
+Method. SmolLM2-135M-Instruct (fp32, converted from the shipped GGUF) in an ``Engine``
+without adapters, ``--slots`` rows, greedy, EOS ignored. A round submits one request per
+row (``--prompt`` tokens, ``--tokens`` new tokens), steps once (admission, prefill and the
+first decode step) and times the remaining decode steps: decode tokens/s. Modes: ``off``
+(no request asks: the step compiles without any log-softmax), ``chosen`` (every row asks
+``logprobs=0``: the chosen token's), ``top5`` / ``top20`` (``logprobs=5`` / ``20``, the two
+static top-N buckets), ``one-of-N`` (one row asks ``logprobs=5``: the step computes them for
+all rows). Each mode is compiled and run once before timing; the modes then take turns,
+``--repeats`` rounds each; medians, and each mode's ratio to ``off`` from the same rounds.
+
+    python scripts/bench_logprobs.py --ckpt CKPT --repeats 5
+
+Writes ``docs/figures/bench_logprobs.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lsw_jax  # noqa: E402
+from lsw_jax.sampling import SamplingParams  # noqa: E402
+from lsw_jax.serve.engine import Engine, Request  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = {
+    "off": lambda i: None,
+    "chosen": lambda i: 0,
+    "top5": lambda i: 5,
+    "top20": lambda i: 20,
+    "one-of-N": lambda i: 5 if i == 0 else None,
+}
+
+
+def decode_rate(eng: Engine, mode: str, prompt: int, tokens: int) -> float:
+    """Decode tokens/s of one round (after the step that admits and prefills)."""
+    rng = np.random.default_rng(0)
+    reqs = []
+    for i in range(eng.slots):
+        sp = SamplingParams(max_tokens=tokens, ignore_eos=True, logprobs=MODES[mode](i))
+        ids = rng.integers(100, 40000, prompt).tolist()
+        reqs.append(eng.submit(Request(ids, sp)))
+    eng.step()
+    before = sum(len(r.output) for r in reqs)
+    t0 = time.perf_counter()
+    eng.run_until_idle()
+    seconds = time.perf_counter() - t0
+    assert all(len(r.output) == tokens for r in reqs)
+    if mode != "off":
+        assert all(len(r.logprobs) == tokens for r in reqs if r.params.logprobs is not None)
+    return (sum(len(r.output) for r in reqs) - before) / seconds
+
+
+def bench(ckpt: Path, slots: int, max_len: int, prompt: int, tokens: int, repeats: int) -> dict:
+    model = lsw_jax.load_model(ckpt, dtype="float32")
+    eng = Engine(model, slots=slots, max_len=max_len, max_prefill_rows=slots)
+    for mode in MODES:  # compile every variant first
+        decode_rate(eng, mode, prompt, 4)
+    rates: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(repeats):
+        order = list(MODES) if r % 2 == 0 else list(MODES)[::-1]
+        for mode in order:
+            rates[mode].append(decode_rate(eng, mode, prompt, tokens))
+    off = rates["off"]
+    return {
+        mode: {
+            "tokens_per_s": statistics.median(v),
+            "runs": v,
+            "cost_vs_off": 1 - statistics.median(x / o for x, o in zip(v, off, strict=True)),
+        }
+        for mode, v in rates.items()
+    }
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = [
+        f"Decode with log-probabilities, SmolLM2-135M fp32, {m['slots']} rows, max_len "
+        f"{m['max_len']}, prompt {m['prompt']} + {m['tokens']} tokens, {m['repeats']} rounds "
+        f"(modes interleaved), {m['device']}, jax {m['jax']}, {m['date']}, load before/after "
+        f"{m['load_before']} / {m['load_after']}.",
+        "",
+        "| mode | decode tok/s (median) | cost vs off |",
+        "|---|---|---|",
+    ]
+    for mode, r in res["modes"].items():
+        lines.append(f"| {mode} | {r['tokens_per_s']:.1f} | {100 * r['cost_vs_off']:+.1f} % |")
+    lines += ["", f"Command: `{m['command']}`", ""]
+    return "\n".join(lines)
+
+
+def plot(res: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(res["modes"])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(modes, [res["modes"][m]["tokens_per_s"] for m in modes], color="tab:blue")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("Engine decode with log-probabilities (SmolLM2, CPU)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", type=Path, required=True)
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "figures")
+    args = ap.parse_args()
+    load_before = os.getloadavg()[0]
+    modes = bench(args.ckpt, args.slots, args.max_len, args.prompt, args.tokens, args.repeats)
+    res = {
+        "meta": {
+            "slots": args.slots,
+            "max_len": args.max_len,
+            "prompt": args.prompt,
+            "tokens": args.tokens,
+            "repeats": args.repeats,
+            "device": f"{platform.machine()} CPU x{os.cpu_count()}",
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+            "date": datetime.date.today().isoformat(),
+            "load_before": round(load_before, 2),
+            "load_after": round(os.getloadavg()[0], 2),
+            "command": "python scripts/bench_logprobs.py " + " ".join(sys.argv[1:]),
+        },
+        "modes": modes,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "bench_logprobs.json").write_text(json.dumps(res, indent=2))
+    (args.out_dir / "bench_logprobs.md").write_text(markdown(res))
+    plot(res, args.out_dir / "bench_logprobs.png")
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
