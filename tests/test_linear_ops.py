@@ -29,12 +29,17 @@ def test_matches_float64(lead, weight_left):
     assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-5
 
 
-def test_bf16():
+@pytest.mark.parametrize("weight_left", [True, False])
+def test_bf16_and_fp32_accumulation(weight_left):
     x, w = _data((8,), 96, 40)
-    got = project(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), weight_left=True)
-    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    want = np.asarray(xb, np.float64) @ np.asarray(wb, np.float64).T
+    got = project(xb, wb, weight_left=weight_left)
     assert got.dtype == jnp.bfloat16
     assert np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max() < 1e-2
+    got = project(xb, wb, weight_left=weight_left, preferred_element_type=jnp.float32)
+    assert got.dtype == jnp.float32
+    assert np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max() < 1e-5
 
 
 def test_gradients_match_the_plain_product():

@@ -25,6 +25,7 @@ width, fast math, single-threaded Eigen) beat this; at 8 rows the step is comput
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +37,14 @@ Array = jax.Array
 MAX_WEIGHT_LEFT_ROWS = 128
 
 
-def project(x: Array, w: Array, *, weight_left: bool | None = None) -> Array:
+def project(
+    x: Array, w: Array, *, weight_left: bool | None = None, preferred_element_type: Any = None
+) -> Array:
     """``y[..., o] = sum_i x[..., i] * w[o, i]``.
 
     x: ``[..., in]``; w: ``[out, in]`` (Hugging Face's layout). Returns ``[..., out]`` in
-    the promoted dtype of ``x`` and ``w``, accumulated as ``jnp.einsum`` does.
+    ``preferred_element_type`` (default: the promoted dtype of ``x`` and ``w``), accumulated
+    as ``jnp.einsum`` does.
     weight_left: compute ``(w @ x.T).T`` behind optimization barriers (see the module
     docstring); ``None`` picks it on the CPU backend for 2 to ``MAX_WEIGHT_LEFT_ROWS`` rows,
     where it was measured faster. Differentiable either way.
@@ -51,7 +55,8 @@ def project(x: Array, w: Array, *, weight_left: bool | None = None) -> Array:
     if weight_left is None:
         weight_left = jax.default_backend() == "cpu" and 2 <= rows <= MAX_WEIGHT_LEFT_ROWS
     if not weight_left:
-        return jnp.einsum("...i,oi->...o", x, w)
+        return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=preferred_element_type)
     xt = jax.lax.optimization_barrier(x.reshape(rows, -1).T)  # [in, rows]
-    yt = jax.lax.optimization_barrier(jnp.einsum("oi,ir->or", w, xt))  # [out, rows]
+    yt = jnp.einsum("oi,ir->or", w, xt, preferred_element_type=preferred_element_type)
+    yt = jax.lax.optimization_barrier(yt)  # [out, rows]
     return yt.T.reshape(*x.shape[:-1], w.shape[0])
