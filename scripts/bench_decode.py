@@ -1,16 +1,32 @@
 """Per-token decode latency: lsw-jax against PyTorch peers, in one run on one machine.
 
-Method. Every row is timed as two greedy ``generate`` calls that share one compiled
-function: the full run (``N`` new tokens, no EOS ever matches) and a prefill-only run
-(the EOS set is the first token each row emits, so the decode loop ends after prefill).
-``(t_full - t_prefill) / (N - 1)`` is the time of one decode step (all B rows advance one
-token). PyTorch peers are timed the same way (``generate`` of N tokens minus 1 token).
-Each number is the median over ``--repeats`` (after one warm-up call that compiles); in
-the decode suite ours and transformers take turns within every repeat.
-The roofline: weight bytes read per step / GEMV bandwidth measured in this run.
+Method (decode and adapters suites). Every row is timed as two greedy ``generate`` calls
+that share one compiled function: the full run (``N`` new tokens, no EOS ever matches) and
+a prefill-only run (the EOS set is the first token each row emits, so the decode loop ends
+after prefill). Two readings of the same calls, both reported by the decode suite:
 
-    python scripts/bench_decode.py --suite decode --batch 1,8          # issue A
-    python scripts/bench_decode.py --suite adapters --batch 1,4,16,64  # issue B
+- the decode step, ``(t_full - t_prefill) / (N - 1)``: all B rows advance one token; the
+  prefill, the dispatch and the host copies cancel;
+- per token as a user sees it, ``t_full / N``: what ``lsw-jax generate`` prints (prefill of
+  the prompt bucket, dispatch and copies included), and the warm time to the first token
+  ``t_prefill``.
+
+The KV cache bucket follows from the prompt and N (``generate`` allocates
+``bucket(bucket(prompt) + N)`` slots and every decode step of the model attends over all of
+them), so N changes the step as well; the rows record it. N defaults to the CLI's 96.
+PyTorch peers are timed the same way (``generate`` of N tokens and of 1 token). Each number
+is the median over ``--repeats`` (after one warm-up call that compiles); ours and
+transformers take turns within every repeat. The roofline: weight bytes read per step / GEMV
+bandwidth measured in this run.
+
+Fill suite: the decode step alone at cache fills ``--fills`` of a ``--cache-len`` bucket
+(``k`` steps of the model's forward from a prefilled cache, ``(t(4 + N) - t(4)) / N``), with
+the model's whole-bucket attention and with ``cached_attention`` spliced in
+(``scripts/attention_splice.py``), and transformers eager from a prefilled cache.
+
+    python scripts/bench_decode.py --suite decode --batch 1,4,8,16
+    python scripts/bench_decode.py --suite fill --batch 1 --new-tokens 16
+    python scripts/bench_decode.py --suite adapters --batch 1,4,16,64 --new-tokens 16
     python scripts/bench_decode.py --model llama7b ...                 # GPU only
 
 Writes ``docs/figures/bench_<suite>_<model>.{json,md,png}``.
@@ -19,6 +35,7 @@ Writes ``docs/figures/bench_<suite>_<model>.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -54,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lsw_jax.adapters.lora import attach_adapter, detach_adapter, iter_linears  # noqa: E402
 from lsw_jax.config import AdapterConfig, ModelConfig  # noqa: E402
-from lsw_jax.decode import generate  # noqa: E402
+from lsw_jax.decode import bucket, generate  # noqa: E402
 
 NUM_EXPERTS, RANK, ALPHA, TOP_K = 8, 16, 32.0, 2
 
@@ -159,15 +176,24 @@ def _elapsed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def step_times(timers: list[tuple[Callable, Callable, int]], repeats: int) -> list[float]:
-    """Seconds per decode step for each ``(full, prefill_only, n)``: median over ``repeats``
-    of ``(t_full - t_prefill) / (n - 1)``, the timers taking turns within every repeat so
-    that load from other jobs on the machine hits every row alike."""
+def step_times(timers: list[tuple[Callable, Callable, int]], repeats: int) -> list[dict]:
+    """Each ``(full, prefill_only, n)`` timed both ways a number can be read, medians over
+    ``repeats``, the timers taking turns within every repeat so that load from other jobs on
+    the machine hits every row alike:
+
+    - ``step``: ``(t_full - t_prefill) / (n - 1)``, one decode step alone (the prefill and
+      the per-call overhead cancel);
+    - ``per_token``: ``t_full / n``, what a caller of ``generate`` sees per new token
+      (prefill, dispatch and copies included, as ``lsw-jax generate`` prints it);
+    - ``first_token``: ``t_prefill``, the warm time to the first token.
+    """
     per = [[] for _ in timers]
     for _ in range(repeats):
         for out, (full, pre, n) in zip(per, timers, strict=True):
-            out.append((_elapsed(full) - _elapsed(pre)) / (n - 1))
-    return [statistics.median(p) for p in per]
+            t_full, t_pre = _elapsed(full), _elapsed(pre)
+            out.append(((t_full - t_pre) / (n - 1), t_full / n, t_pre))
+    keys = ("step", "per_token", "first_token")
+    return [{k: statistics.median(x[i] for x in p) for i, k in enumerate(keys)} for p in per]
 
 
 def ours_timer(model: Any, ids: np.ndarray, n: int, plan: str) -> tuple[Callable, Callable, int]:
@@ -203,11 +229,11 @@ def torch_timer(hf: Any, ids: np.ndarray, n: int) -> tuple[Callable, Callable, i
 
 
 def time_ours(model: Any, ids: np.ndarray, n: int, repeats: int, plan: str) -> float:
-    return step_times([ours_timer(model, ids, n, plan)], repeats)[0]
+    return step_times([ours_timer(model, ids, n, plan)], repeats)[0]["step"]
 
 
 def time_torch(hf: Any, ids: np.ndarray, n: int, repeats: int) -> float:
-    return step_times([torch_timer(hf, ids, n)], repeats)[0]
+    return step_times([torch_timer(hf, ids, n)], repeats)[0]["step"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -258,32 +284,211 @@ def _prompts(vocab: int, batch: int, length: int) -> np.ndarray:
     return np.random.default_rng(batch).integers(100, vocab, (batch, length)).astype(np.int32)
 
 
+def generate_cache_len(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> int:
+    """The KV-cache bucket ``generate`` allocates (and decode attention reads every step)."""
+    t = bucket(prompt_len)
+    return min(bucket(t + new_tokens), max(t + new_tokens, cfg.max_position_embeddings))
+
+
 def run_decode_suite(model, args, batches, torch_dev) -> list[dict]:
     rows = []
     bw = gemv_bandwidth_gbs()
     floor_bw = max(bw.values())
     wbytes = weight_bytes_per_step(model)
     hf = None if args.no_torch else _hf(model, torch_dev)
+    cache_len = generate_cache_len(model.cfg, args.prompt_len, args.new_tokens)
+    models = [variant(model, name, cache_len) for name in args.variants.split(",")]
     for b in batches:
         ids = _prompts(model.cfg.vocab_size, b, args.prompt_len)
-        timers = [ours_timer(model, ids, args.new_tokens, "dense")]
+        timers = []
+        for spliced, _, ctx in models:
+            with ctx():  # the first call compiles
+                timers.append(ours_timer(spliced, ids, args.new_tokens, "dense"))
         if hf is not None:
             timers.append(torch_timer(hf, ids, args.new_tokens))
-        ours, *theirs = step_times(timers, args.repeats)
-        row = {
-            "batch": b,
-            "ours_ms": ours * 1e3,
-            "weight_mb": wbytes / 1e6,
-            "bandwidth_gbs": floor_bw,
-            "floor_ms": wbytes / (floor_bw * 1e9) * 1e3,
-        }
-        row["ours_pct_of_roofline"] = 100 * row["floor_ms"] / row["ours_ms"]
-        if theirs:
-            row["hf_eager_ms"] = theirs[0] * 1e3
-            row["hf_over_ours"] = row["hf_eager_ms"] / row["ours_ms"]
-        rows.append(row)
-        print(json.dumps(row))
+        times = step_times(timers, args.repeats)
+        theirs = times[len(models) :]
+        for (_, label, _), ours in zip(models, times, strict=False):
+            row = {
+                "batch": b,
+                "impl": label,
+                "cache_len": cache_len,
+                "ours_ms": ours["step"] * 1e3,
+                "ours_ms_per_token_incl_prefill": ours["per_token"] * 1e3,
+                "ours_first_token_ms": ours["first_token"] * 1e3,
+                "weight_mb": wbytes / 1e6,
+                "bandwidth_gbs": floor_bw,
+                "floor_ms": wbytes / (floor_bw * 1e9) * 1e3,
+            }
+            row["ours_pct_of_roofline"] = 100 * row["floor_ms"] / row["ours_ms"]
+            row["ours_over_floor"] = row["ours_ms"] / row["floor_ms"]
+            if theirs:
+                row["hf_eager_ms"] = theirs[0]["step"] * 1e3
+                row["hf_eager_ms_per_token_incl_prefill"] = theirs[0]["per_token"] * 1e3
+                row["hf_first_token_ms"] = theirs[0]["first_token"] * 1e3
+                row["hf_over_ours"] = row["hf_eager_ms"] / row["ours_ms"]
+            rows.append(row)
+            print(json.dumps(row))
     return rows, bw
+
+
+# ----------------------------------------------------------------------------- variants
+
+# Prototype splices of the model (scripts/model_splices.py) until it calls
+# cached_attention and project itself: name -> (label, spliced() keywords). "dense-hm" is
+# cached_attention with a one-size ladder, i.e. the whole bucket, from a head-major cache.
+VARIANTS = {
+    "model": ("the model as it is (whole-bucket attention, slot-major cache)", None),
+    "project": ("+ project (weight-left products)", dict(use_project=True)),
+    "bounded": ("+ cached_attention, slot-major cache", dict(kv_layout="bskd")),
+    "dense-hm": ("+ whole-bucket attention, head-major cache", dict(kv_layout="bksd")),
+    "bounded-hm": ("+ cached_attention, head-major cache", dict(kv_layout="bksd")),
+    "project+bounded-hm": (
+        "+ project + cached_attention, head-major cache",
+        dict(kv_layout="bksd", use_project=True),
+    ),
+}
+
+
+def variant(model: Any, name: str, cache_len: int) -> tuple[Any, str, Callable]:
+    """(model copy, row label, context to compile it in) of variant ``name``."""
+    import model_splices
+
+    if name not in VARIANTS:
+        raise SystemExit(f"variant {name!r}: choose from {', '.join(VARIANTS)}")
+    label, kw = VARIANTS[name]
+    if kw is None:
+        return model, f"ours: {label}", contextlib.nullcontext
+    kw = dict(kw, min_slots=cache_len if name == "dense-hm" else 128)
+    head_major = kw.get("kv_layout") == "bksd"
+    ctx = model_splices.head_major_kv_cache if head_major else contextlib.nullcontext
+    return model_splices.spliced(model, **kw), f"ours {label} (splice)", ctx
+
+
+# ----------------------------------------------------------------------------- cache fill
+
+
+def fill_step_runner(model: Any, batch: int, cache_len: int) -> Callable[[int, int], float]:
+    """``run(fill, k)``: seconds of ``k`` greedy decode steps (``model.forward`` on one
+    token per row with the KV cache, then argmax, as ``generate``'s loop body does) ending
+    at cache fill ``fill`` of a ``cache_len``-slot cache. The cache holds ``fill - k``
+    tokens on entry (random keys and values); fill and ``k`` are traced, so one compiled
+    function serves every fill (the cache bucket is static, as in ``generate``)."""
+    from flax import nnx
+
+    from lsw_jax.model.llama import KVCache
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def steps(state, cache, tok, k):
+        model = nnx.merge(graphdef, state)
+
+        def body(_, carry):
+            tok, cache = carry
+            pos = jnp.broadcast_to(cache.index, (batch, 1))
+            out = model.forward(tok[:, None], positions=pos, cache=cache)
+            return jnp.argmax(out.logits[:, -1], -1).astype(jnp.int32), out.cache
+
+        return jax.lax.fori_loop(0, k, body, (tok, cache))[0]
+
+    template = KVCache.create(model.cfg, batch, cache_len, model.dtype)  # its layout, now
+
+    def cache_at(start: int) -> KVCache:
+        key = jax.random.key(start)
+        return jax.block_until_ready(
+            KVCache(
+                k=[jax.random.normal(key, a.shape, a.dtype) for a in template.k],
+                v=[jax.random.normal(key, a.shape, a.dtype) for a in template.v],
+                valid=jnp.broadcast_to(jnp.arange(cache_len) < start, template.valid.shape),
+                index=jnp.int32(start),
+            )
+        )
+
+    tok = jnp.zeros((batch,), jnp.int32)
+    # Compiled ahead of time: later cache clears (the attention splice) cannot retrace it.
+    compiled = steps.lower(state, cache_at(0), tok, jnp.int32(1)).compile()
+
+    def run(fill: int, k: int) -> float:
+        if not k <= fill <= cache_len:
+            raise ValueError(f"need steps={k} <= fill={fill} <= cache_len={cache_len}")
+        cache = cache_at(fill - k)
+        return _elapsed(lambda: compiled(state, cache, tok, jnp.int32(k)).block_until_ready())
+
+    return run
+
+
+def torch_fill_runner(hf: Any, batch: int) -> Callable[[int, int], float]:
+    """transformers eager: ``run(fill, k)`` times ``k`` greedy one-token forwards ending at
+    cache fill ``fill``, from a copy of a prefilled ``past_key_values`` (copy not timed)."""
+    import copy
+
+    import torch
+
+    def forward(ids, cache=None):
+        # The cache is the 4th positional argument in transformers 4 (``past_key_values``)
+        # and 5 (``cache``); the output names it either way.
+        out = hf(ids, None, None, cache, use_cache=True)
+        return out.logits, out.cache if hasattr(out, "cache") else out.past_key_values
+
+    def run(fill: int, k: int) -> float:
+        ids = torch.as_tensor(_prompts(hf.config.vocab_size, batch, fill - k), dtype=torch.long)
+        with torch.inference_mode():
+            if (fill, k) not in prefilled:
+                prefilled[fill, k] = forward(ids)[1]
+            cache = copy.deepcopy(prefilled[fill, k])
+            tok = ids[:, -1:]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                tok = forward(tok, cache)[0][:, -1:].argmax(-1)
+            return time.perf_counter() - t0
+
+    prefilled: dict[tuple[int, int], Any] = {}
+    return run
+
+
+def fill_step_ms(
+    runs: list[Callable[[int, int], float]], fills: list[int], short: int, long: int, repeats: int
+) -> list[list[float]]:
+    """``ms[run][fill]`` per decode step: ``(run(fill, long) - run(fill, short)) / (long -
+    short)`` (entry copies and dispatch cancel), median over ``repeats``, every run and fill
+    taking turns within each repeat."""
+    per = [[[] for _ in fills] for _ in runs]
+    for _ in range(repeats):
+        for out, run in zip(per, runs, strict=True):
+            for o, f in zip(out, fills, strict=True):
+                o.append((run(f, long) - run(f, short)) / (long - short) * 1e3)
+    return [[statistics.median(o) for o in out] for out in per]
+
+
+def run_fill_suite(model, args, batches, torch_dev) -> list[dict]:
+    """Decode step at cache fills ``--fills`` in a ``--cache-len`` bucket for each
+    ``--variants`` model (``VARIANTS``), and transformers eager."""
+    fills = [int(f) for f in args.fills.split(",")]
+    names = args.variants.split(",")
+    short, long = 4, 4 + args.new_tokens
+    hf = None if args.no_torch else _hf(model, torch_dev)
+    rows = []
+    for b in batches:
+        runs, labels = [], []
+        for name in names:
+            spliced, label, ctx = variant(model, name, args.cache_len)
+            with ctx():  # acts while tracing: compile here
+                runs.append(fill_step_runner(spliced, b, args.cache_len))
+            labels.append(label)
+        if hf is not None:
+            runs.append(torch_fill_runner(hf, b))
+            labels.append("torch: HF eager")
+        for label, ms in zip(
+            labels, fill_step_ms(runs, fills, short, long, args.repeats), strict=True
+        ):
+            for f, m in zip(fills, ms, strict=True):
+                rows.append({"batch": b, "impl": label, "fill": f, "ms": m})
+                print(json.dumps(rows[-1]))
+    for r in rows:  # the step at each fill over the step at the smallest fill, same row kind
+        base = next(x["ms"] for x in rows if (x["batch"], x["impl"]) == (r["batch"], r["impl"]))
+        r["vs_smallest_fill"] = r["ms"] / base
+    return rows
 
 
 def _hf(model, dev):
@@ -408,14 +613,35 @@ def write_outputs(suite, model_name, rows, env, extra, out_dir: Path) -> None:
     ]
     if suite == "decode":
         lines += [
-            "| batch | ours ms/step | HF eager ms/step | HF / ours | weight floor ms | ours % of roofline |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| batch | implementation | cache slots | ms/step | ms/token incl. prefill "
+            "| first token ms | HF eager ms/step | HF ms/token incl. prefill | HF / ours (step) "
+            "| weight floor ms | step / floor | % of roofline |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        nan = float("nan")
         for r in rows:
             lines.append(
-                f"| {r['batch']} | {r['ours_ms']:.1f} | {r.get('hf_eager_ms', float('nan')):.1f} | "
-                f"{r.get('hf_over_ours', float('nan')):.2f}x | {r['floor_ms']:.1f} | {r['ours_pct_of_roofline']:.0f}% |"
+                f"| {r['batch']} | {r['impl']} | {r['cache_len']} | {r['ours_ms']:.1f} "
+                f"| {r['ours_ms_per_token_incl_prefill']:.1f} | {r['ours_first_token_ms']:.0f} "
+                f"| {r.get('hf_eager_ms', nan):.1f} | {r.get('hf_eager_ms_per_token_incl_prefill', nan):.1f} "
+                f"| {r.get('hf_over_ours', nan):.2f}x | {r['floor_ms']:.1f} "
+                f"| {r['ours_over_floor']:.2f}x | {r['ours_pct_of_roofline']:.0f}% |"
             )
+    elif suite == "fill":
+        fills = sorted({r["fill"] for r in rows})
+        lines += [
+            "| batch | implementation | " + " | ".join(f"fill {f} ms/step" for f in fills) + " |",
+            "|---:|---|" + "---:|" * len(fills),
+        ]
+        cell = {(r["batch"], r["impl"], r["fill"]): r for r in rows}
+        for b, impl in dict.fromkeys((r["batch"], r["impl"]) for r in rows):
+            cells = [cell[(b, impl, f)] for f in fills]
+            lines.append(
+                f"| {b} | {impl} | "
+                + " | ".join(f"{c['ms']:.1f} ({c['vs_smallest_fill']:.2f}x)" for c in cells)
+                + " |"
+            )
+        lines += ["", f"(in brackets: over the step at fill {fills[0]}, same row)"]
     else:
         batches = sorted({r["batch"] for r in rows})
         impls = list(dict.fromkeys(r["impl"] for r in rows))
@@ -451,18 +677,30 @@ def _plot(suite, rows, path, env) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if suite == "decode":
-        bs = [r["batch"] for r in rows]
-        ax.plot(bs, [r["ours_ms"] for r in rows], "o-", label="lsw-jax")
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            mine = [r for r in rows if r["impl"] == impl]
+            bs = [r["batch"] for r in mine]
+            ax.plot(bs, [r["ours_ms"] for r in mine], "o-", label=f"{impl}: step")
+            per_token = [r["ours_ms_per_token_incl_prefill"] for r in mine]
+            ax.plot(bs, per_token, "o:", label=f"{impl}: per token incl. prefill")
+        first = [r for r in rows if r["impl"] == rows[0]["impl"]]
+        bs = [r["batch"] for r in first]
         if "hf_eager_ms" in rows[0]:
-            ax.plot(bs, [r["hf_eager_ms"] for r in rows], "s-", label="transformers eager")
-        ax.plot(bs, [r["floor_ms"] for r in rows], "k--", label="weight-bandwidth floor")
+            ax.plot(bs, [r["hf_eager_ms"] for r in first], "s-", label="transformers eager")
+        ax.plot(bs, [r["floor_ms"] for r in first], "k--", label="weight-bandwidth floor")
+        ax.set_xlabel("batch")
+    elif suite == "fill":
+        for b, impl in dict.fromkeys((r["batch"], r["impl"]) for r in rows):
+            pts = sorted((r["fill"], r["ms"]) for r in rows if (r["batch"], r["impl"]) == (b, impl))
+            ax.plot(*zip(*pts, strict=True), "o-", label=f"{impl}, batch {b}")
+        ax.set_xlabel("cache fill (tokens)")
     else:
         for impl in dict.fromkeys(r["impl"] for r in rows):
             pts = sorted((r["batch"], r["ms"]) for r in rows if r["impl"] == impl)
             ax.plot(*zip(*pts, strict=True), "o-" if impl.startswith("ours") else "s--", label=impl)
         ax.set_yscale("log")
+        ax.set_xlabel("batch")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch")
     ax.set_ylabel("ms per decode step")
     ax.set_title(f"decode, {env['cpu']} ({env['date']})", fontsize=9)
     ax.legend(fontsize=7)
@@ -474,20 +712,41 @@ def _plot(suite, rows, path, env) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("smollm2", "llama7b"), default="smollm2")
-    ap.add_argument("--suite", choices=("decode", "adapters"), default="decode")
+    ap.add_argument("--suite", choices=("decode", "adapters", "fill"), default="decode")
     ap.add_argument("--batch", default="1,8")
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--new-tokens",
+        type=int,
+        default=96,
+        help="tokens per generate call (default: lsw-jax generate's); fill suite: timed steps",
+    )
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="compute dtype (default: fp32 CPU, bf16 GPU)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
     ap.add_argument("--torch-compile", action="store_true", help="add torch.compile peer rows")
     ap.add_argument("--threads", type=int, default=0, help="1: one thread for XLA and torch")
+    ap.add_argument("--fills", default="64,512,2048", help="fill suite: cache fills")
+    ap.add_argument("--cache-len", type=int, default=2048, help="fill suite: cache slots")
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="decode/fill suites: model variants, of "
+        + ", ".join(VARIANTS)
+        + " (default decode: model,project; fill: model,bounded,dense-hm,bounded-hm,"
+        "project+bounded-hm)",
+    )
     ap.add_argument("--out-dir", default="docs/figures")
     args = ap.parse_args()
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2")
     batches = [int(b) for b in args.batch.split(",")]
+    if args.variants is None:
+        args.variants = (
+            "model,bounded,dense-hm,bounded-hm,project+bounded-hm"
+            if args.suite == "fill"
+            else "model,project"
+        )
     env = environment()
     print(json.dumps(env, indent=2))
     import torch
@@ -497,6 +756,7 @@ def main() -> None:
     torch_dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_ours(args.model, args.dtype)
     extra = {
+        "variants": args.variants,
         "new_tokens": args.new_tokens,
         "prompt_len": args.prompt_len,
         "repeats": args.repeats,
@@ -506,6 +766,9 @@ def main() -> None:
     if args.suite == "decode":
         rows, bw = run_decode_suite(model, args, batches, torch_dev)
         extra["gemv_bandwidth_gbs"] = bw
+    elif args.suite == "fill":
+        rows = run_fill_suite(model, args, batches, torch_dev)
+        extra.update(cache_len=args.cache_len, fills=args.fills)
     else:
         rows = run_adapter_suite(model, args, batches, torch_dev)
     env["load_average_at_end"] = os.getloadavg()
