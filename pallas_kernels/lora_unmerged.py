@@ -43,6 +43,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import dispatch, lora_unmerged_mosaic
 from pallas_kernels.common import block_size, check_dtype, check_unmerged_args, lora_shrink
 from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.project import project
 
 __all__ = ["lora_shrink", "lora_unmerged", "lora_unmerged_pallas", "lora_unmerged_reference"]
 
@@ -243,7 +244,7 @@ def lora_unmerged_reference(
     check_unmerged_args(x, w, a, b, e, g, bias)
     n, k = e.shape
     n_exp = a.shape[0]
-    y = lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    y = project(x, w, preferred_element_type=jnp.float32)  # XLA's fastest form per backend
     u = lora_shrink(x, a, e, g)  # [N, k, r] fp32
     if n * k <= n_exp:
         delta = jnp.einsum(

@@ -21,8 +21,8 @@ bandwidth measured in this run.
 
 Fill suite: the decode step alone at cache fills ``--fills`` of a ``--cache-len`` bucket
 (``k`` steps of the model's forward from a prefilled cache, ``(t(4 + N) - t(4)) / N``), with
-the model's whole-bucket attention and with ``cached_attention`` spliced in
-(``scripts/attention_splice.py``), and transformers eager from a prefilled cache.
+the model (attention bounded to the filled slots) and, as the baseline, the model reading
+the whole bucket (``--variants``), and transformers eager from a prefilled cache.
 
     python scripts/bench_decode.py --suite decode --batch 1,4,8,16
     python scripts/bench_decode.py --suite fill --batch 1 --new-tokens 16
@@ -65,6 +65,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -72,6 +73,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lsw_jax.adapters.lora import attach_adapter, detach_adapter, iter_linears  # noqa: E402
 from lsw_jax.config import AdapterConfig, ModelConfig  # noqa: E402
 from lsw_jax.decode import bucket, generate  # noqa: E402
+from lsw_jax.plans import adapted_linears, fused_bank  # noqa: E402
+from pallas_kernels.switch_merge import merge_from_base  # noqa: E402
 
 NUM_EXPERTS, RANK, ALPHA, TOP_K = 8, 16, 32.0, 2
 
@@ -268,12 +271,17 @@ def randomise_lora_b(model: Any, seed: int = 1) -> None:
 
 
 def merge_lora_into_weights(model: Any) -> None:
-    """Plain LoRA merged once: W += scale * B A, then the adapter is detached."""
+    """Plain LoRA merged once (W += scale * B A, the switch kernel's fresh merge), then the
+    adapter is detached."""
     one, gate = jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.float32)
-    for _, _, lin in iter_linears(model, AdapterConfig().targets):
-        if lin.lora is not None:
-            w = lin.weight[...]
-            lin.weight.value = (w + lin.lora.merged_delta(one, gate)).astype(w.dtype)
+    for layer in model.layers:
+        for lin in adapted_linears(layer).values():
+            bank = fused_bank(lin, lin.weight[...].dtype)
+            if bank is not None:
+                w = lin.weight[...]
+                lin.weight.value = merge_from_base(w[None], bank.a[None], bank.b[None], one, gate)[
+                    0
+                ]
     detach_adapter(model)
 
 
@@ -334,35 +342,28 @@ def run_decode_suite(model, args, batches, torch_dev) -> list[dict]:
 
 # ----------------------------------------------------------------------------- variants
 
-# Prototype splices of the model (scripts/model_splices.py) until it calls
-# cached_attention and project itself: name -> (label, spliced() keywords). "dense-hm" is
-# cached_attention with a one-size ladder, i.e. the whole bucket, from a head-major cache.
+# name -> (row label, LlamaModel.configure keywords): the model, and the model with one or
+# both of its CPU decode choices undone (the baselines they are measured against).
 VARIANTS = {
-    "model": ("the model as it is (whole-bucket attention, slot-major cache)", None),
-    "project": ("+ project (weight-left products)", dict(use_project=True)),
-    "bounded": ("+ cached_attention, slot-major cache", dict(kv_layout="bskd")),
-    "dense-hm": ("+ whole-bucket attention, head-major cache", dict(kv_layout="bksd")),
-    "bounded-hm": ("+ cached_attention, head-major cache", dict(kv_layout="bksd")),
-    "project+bounded-hm": (
-        "+ project + cached_attention, head-major cache",
-        dict(kv_layout="bksd", use_project=True),
+    "model": ("the model", {}),
+    "full-bucket": ("attention over the whole cache bucket", dict(attention_min_slots=1 << 30)),
+    "einsum": ("plain x @ W.T products", dict(weight_left=False)),
+    "before": (
+        "whole-bucket attention + plain products",
+        dict(attention_min_slots=1 << 30, weight_left=False),
     ),
 }
 
 
 def variant(model: Any, name: str, cache_len: int) -> tuple[Any, str, Callable]:
-    """(model copy, row label, context to compile it in) of variant ``name``."""
-    import model_splices
-
+    """(model copy sharing the weights, row label, context to compile it in)."""
+    del cache_len
     if name not in VARIANTS:
         raise SystemExit(f"variant {name!r}: choose from {', '.join(VARIANTS)}")
     label, kw = VARIANTS[name]
-    if kw is None:
+    if not kw:
         return model, f"ours: {label}", contextlib.nullcontext
-    kw = dict(kw, min_slots=cache_len if name == "dense-hm" else 128)
-    head_major = kw.get("kv_layout") == "bksd"
-    ctx = model_splices.head_major_kv_cache if head_major else contextlib.nullcontext
-    return model_splices.spliced(model, **kw), f"ours {label} (splice)", ctx
+    return nnx.clone(model).configure(**kw), f"ours: {label}", contextlib.nullcontext
 
 
 # ----------------------------------------------------------------------------- cache fill
@@ -528,14 +529,13 @@ def _ours_adapter_variants(model) -> list[tuple[str, str, Callable[[], None], bo
 
 def run_adapter_suite(model, args, batches, torch_dev) -> list[dict]:
     rows = []
-    base_w = {
-        id(lin): lin.weight[...] for _, _, lin in iter_linears(model, AdapterConfig().targets)
-    }
+    fused = [lin for layer in model.layers for lin in adapted_linears(layer).values()]
+    base_w = [lin.weight[...] for lin in fused]
 
     def restore():
         detach_adapter(model)
-        for _, _, lin in iter_linears(model, AdapterConfig().targets):
-            lin.weight.value = base_w[id(lin)]
+        for lin, w in zip(fused, base_w, strict=True):
+            lin.weight.value = w
 
     unmerged_impl = "Pallas kernel" if jax.default_backend() == "gpu" else "XLA products"
     for b in batches:
@@ -733,8 +733,7 @@ def main() -> None:
         default=None,
         help="decode/fill suites: model variants, of "
         + ", ".join(VARIANTS)
-        + " (default decode: model,project; fill: model,bounded,dense-hm,bounded-hm,"
-        "project+bounded-hm)",
+        + " (default decode: model,einsum; fill: model,full-bucket)",
     )
     ap.add_argument("--out-dir", default="docs/figures")
     args = ap.parse_args()
@@ -742,11 +741,7 @@ def main() -> None:
         raise SystemExit("--new-tokens must be >= 2")
     batches = [int(b) for b in args.batch.split(",")]
     if args.variants is None:
-        args.variants = (
-            "model,bounded,dense-hm,bounded-hm,project+bounded-hm"
-            if args.suite == "fill"
-            else "model,project"
-        )
+        args.variants = "model,full-bucket" if args.suite == "fill" else "model,einsum"
     env = environment()
     print(json.dumps(env, indent=2))
     import torch

@@ -3,10 +3,7 @@ whole-bucket softmax the model used before."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib.util
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -194,64 +191,3 @@ def test_bad_input_names_the_tensor():
         cached_attention(q, k, k, jnp.ones((1, 8), bool), jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="kv_layout='bhsd' must be one of"):
         cached_attention(q, k, k, jnp.ones((1, 8), bool), jnp.int32(0), kv_layout="bhsd")
-
-
-def _splices():
-    """scripts/model_splices.py: the prototype that routes the model's cached attention
-    through ``cached_attention`` (until the model calls it itself)."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / "model_splices.py"
-    spec = importlib.util.spec_from_file_location("model_splices", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kv_layout,use_project", [("bskd", False), ("bksd", True)])
-def test_spliced_model_matches_the_model(kv_layout, use_project):
-    """In place: prefill + decode logits of a left-padded batch through the whole model, and
-    greedy ``generate`` (the fill traced inside its while loop), with a ladder from 16
-    slots (and the weight-left ``project``), equal the model's own attention and products."""
-    from flax import nnx
-
-    from lsw_jax.config import ModelConfig
-    from lsw_jax.decode import generate
-    from lsw_jax.model.llama import KVCache, init_model
-
-    splices = _splices()
-    model = init_model(ModelConfig.tiny(num_layers=2), seed=3)
-    fast = splices.spliced(model, kv_layout=kv_layout, min_slots=16, use_project=use_project)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, 128, (2, 19)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, :4] = 0  # left padding on one row
-
-    def logits(model):
-        graphdef, state = nnx.split(model)
-
-        @jax.jit
-        def run(state):
-            model = nnx.merge(graphdef, state)
-            cache = KVCache.create(model.cfg, 2, 64, jnp.float32)
-            out = model.forward(jnp.asarray(ids), attention_mask=jnp.asarray(mask), cache=cache)
-            got = [out.logits]
-            pos = jnp.asarray(mask.sum(1, keepdims=True))
-            for step in range(14):  # decode across the ladder step at 32 slots
-                tok = jnp.argmax(got[-1][:, -1:], -1)
-                out = model.forward(tok, positions=pos + step, cache=out.cache)
-                got.append(out.logits)
-            return jnp.concatenate(got, 1)
-
-        return np.asarray(run(state))
-
-    def tokens(model):
-        return generate(model, ids, 24, attention_mask=mask, eos_token_id=[])
-
-    want_logits, want_tokens = logits(model), tokens(model)
-    ctx = splices.head_major_kv_cache() if kv_layout == "bksd" else contextlib.nullcontext()
-    with ctx:
-        got_logits, got_tokens = logits(fast), tokens(fast)
-    assert type(fast.layers[0].self_attn).__call__ is splices._bounded_call
-    real = np.concatenate([mask, np.ones((2, 14), np.int32)], 1).astype(bool)
-    assert rel_err(got_logits, want_logits.astype(np.float64), real) < 1e-5
-    np.testing.assert_array_equal(got_tokens, want_tokens)

@@ -258,12 +258,6 @@ class LoraBank(nnx.Module):
         xa = jnp.einsum("bti,eri->bter", x, a)
         return jnp.einsum("bter,eor->bto", xa * w[..., None].astype(dt), b)
 
-    def merged_delta(self, expert_ids: Array, gates: Array) -> Array:
-        """``sum_j scale * g_j * B[e_j] @ A[e_j]`` -> [out, in] for one shared selection."""
-        a = self.a[...].astype(jnp.float32)[expert_ids]  # [k, r, in]
-        b = self.b[...].astype(jnp.float32)[expert_ids]  # [k, out, r]
-        return jnp.einsum("k,kor,kri->oi", gates.astype(jnp.float32) * self.scale, b, a)
-
 
 # ---------------------------------------------------------------------- attaching
 

@@ -11,6 +11,7 @@ from flax import nnx
 from lsw_jax.config import ModelConfig, rope_inv_freq
 from lsw_jax.linears import FUSED_BY_NAME, RowLayout
 from lsw_jax.plans import Plan, unmerged_linear
+from pallas_kernels.project import project
 
 Array = jax.Array
 
@@ -61,6 +62,7 @@ class Linear(nnx.Module):
             else None
         )
         self.lora = nnx.data(None)  # nnx.Dict: part name -> adapters.LoraBank
+        self.weight_left: bool | None = None  # product order (pallas_kernels.project)
 
     def __call__(
         self, x: Array, routing: Any = None, plan: Plan = Plan.DENSE, weights: Any = None
@@ -71,14 +73,15 @@ class Linear(nnx.Module):
         bias = None if self.bias is None else self.bias[...].astype(self.dtype)
         if plan is Plan.MERGED:  # W_eff already holds the experts (None: nothing merged)
             w = self.weight[...] if weights is None else weights
-            return _dense(x, w.astype(self.dtype), bias)
+            return _dense(x, w.astype(self.dtype), bias, self.weight_left)
         w = self.weight[...].astype(self.dtype)
         if self.lora is None or routing is None:
-            return _dense(x, w, bias)
+            return _dense(x, w, bias, self.weight_left)
         if plan is Plan.UNMERGED:
             return unmerged_linear(x, w, bias, weights, routing)
         if plan is Plan.DENSE:
-            return _dense(x, w, bias) + self.delta(x, routing).astype(self.dtype)
+            y = _dense(x, w, bias, self.weight_left)
+            return y + self.delta(x, routing).astype(self.dtype)
         raise ValueError(f"unknown {plan=}")
 
     def delta(self, x: Array, routing: Any) -> Array:
@@ -93,8 +96,8 @@ class Linear(nnx.Module):
         return self.layout.pack(deltas, axis=-1)
 
 
-def _dense(x: Array, w: Array, bias: Array | None) -> Array:
-    y = jnp.einsum("...i,oi->...o", x, w)
+def _dense(x: Array, w: Array, bias: Array | None, weight_left: bool | None) -> Array:
+    y = project(x, w, weight_left=weight_left)
     return y if bias is None else y + bias
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 from lsw_jax.adapters.lora import Routing, RowRouter
 from lsw_jax.config import ModelConfig
 from lsw_jax.linears import RowLayout
+from lsw_jax.model.attention import cached_attention, dense_attention, slot_mask
 from lsw_jax.model.layers import (
     MLP,
     Linear,
@@ -26,10 +27,10 @@ from lsw_jax.model.layers import (
     fused_linear,
     rope_cos_sin,
 )
-from lsw_jax.plans import Plan, as_plan
+from lsw_jax.plans import Plan, adapted_linears, as_plan
+from pallas_kernels.project import project
 
 Array = jax.Array
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully padded rows stay NaN-free
 
 
 @jax.tree_util.register_dataclass
@@ -37,8 +38,10 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully padded r
 class KVCache:
     """Per-layer key/value buffers and which slots hold real tokens.
 
-    k, v: one ``[B, S, kv_heads, head_dim]`` array per layer (kept per layer rather than
-    stacked: re-stacking every step cost ~3 ms/token on CPU).
+    k, v: one head-major ``[B, kv_heads, S, head_dim]`` array per layer (kept per layer
+    rather than stacked: re-stacking every step cost ~3 ms/token on CPU; head-major, so each
+    head's keys are one contiguous ``[S, D]`` matrix: decode attention ran 2-3x faster than
+    slot-major on CPU, see ``lsw_jax.model.attention``).
     valid: ``[B, S]`` bool, slot s of row b holds a (non-padding) token.
     index: the next slot to write: ``[]`` int32 when all rows advance together (left-padded
         batches, ``generate``), or ``[B]`` int32 when every row has its own position in its
@@ -52,7 +55,7 @@ class KVCache:
 
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
         return cls(
             k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
             v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
@@ -74,15 +77,18 @@ class ModelOutput:
 
 
 def write_slots(buf: Array, new: Array, index: Array) -> Array:
-    """Write ``new [B, T, ...]`` into ``buf [B, S, ...]`` at slots ``index .. index+T-1``
-    (``index`` shared ``[]`` or per row ``[B]``)."""
+    """Write ``new [B, T, ...]`` at slots ``index .. index+T-1`` of ``buf`` (``index``
+    shared ``[]`` or per row ``[B]``; slots past the buffer are dropped): ``buf`` is
+    ``[B, S]`` (the valid mask) or a head-major cache buffer ``[B, KV, S, D]`` (``new``
+    ``[B, T, KV, D]``)."""
     new = new.astype(buf.dtype)
-    if index.ndim == 0:
-        return jax.lax.dynamic_update_slice(buf, new, (0, index) + (0,) * (buf.ndim - 2))
     b, t = new.shape[:2]
     rows = jnp.arange(b)[:, None]
-    cols = index[:, None] + jnp.arange(t)[None, :]
-    return buf.at[rows, cols].set(new, mode="drop")
+    cols = jnp.reshape(index, (-1, 1)) + jnp.arange(t)[None, :]  # [B or 1, T]
+    if buf.ndim == 2:
+        return buf.at[rows, cols].set(new, mode="drop")
+    # advanced indices around a slice: the update's dims are [B, T, KV, D] = new's
+    return buf.at[rows, :, cols].set(new, mode="drop")
 
 
 class Attention(nnx.Module):
@@ -91,14 +97,17 @@ class Attention(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.qkv_proj = fused_linear(cfg, "qkv_proj", **kw)
         self.o_proj = fused_linear(cfg, "o_proj", **kw)
+        # Cached attention reads the shortest prefix of min_slots * 2^i slots holding every
+        # visible slot (LlamaModel.configure; a value >= the cache bucket reads all of it).
+        self.min_slots = 128
 
     def __call__(
         self,
         x: Array,  # [B, T, D]
         cos: Array,
         sin: Array,
-        mask: Array,  # [B, T, S] bool (B may be 1: shared by all rows)
-        kv: tuple[Array, Array] | None,
+        mask: Array,  # cache-free: [B, T, T] bool; with a cache: valid slots [B, S]
+        kv: tuple[Array, Array] | None,  # head-major cache buffers [B, KV, S, D]
         index: Array,
         routing: Any,
         plan: Plan,
@@ -113,15 +122,22 @@ class Attention(nnx.Module):
         q = apply_rope(qkv[:, :, :, :groups], cos, sin)  # [B, T, KV, G, D]
         k = apply_rope(qkv[:, :, :, groups], cos, sin)  # [B, T, KV, D]
         v = qkv[:, :, :, groups + 1]
-        if kv is not None:
-            k_cache, v_cache = write_slots(kv[0], k, index), write_slots(kv[1], v, index)
-            k, v, kv = k_cache.astype(q.dtype), v_cache.astype(q.dtype), (k_cache, v_cache)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (hd**-0.5)
-        scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
-        return self.o_proj(out, routing, plan, w.get("o_proj")), kv
+        q = q.reshape(b, t, kvh * groups, hd)  # head h = kv * G + g, as HF's repeat_kv
+        if kv is None:
+            out = dense_attention(q, k, v, mask)
+        else:  # work bounded to the filled slots (a ladder of cache prefixes)
+            kv = (write_slots(kv[0], k, index), write_slots(kv[1], v, index))
+            out = cached_attention(
+                q,
+                kv[0],
+                kv[1],
+                mask,
+                index,
+                sliding_window=cfg.sliding_window,
+                kv_layout="bksd",
+                min_slots=self.min_slots,
+            )
+        return self.o_proj(out.reshape(b, t, -1), routing, plan, w.get("o_proj")), kv
 
 
 class DecoderLayer(nnx.Module):
@@ -190,6 +206,7 @@ class LlamaModel(nnx.Module):
             )
         )
         self.remat = False  # set by training to rematerialise each decoder layer
+        self.weight_left: bool | None = None  # the tied head's product order (configure)
         # A LoRA-Switch adapters.Router (pre-gated, shared by all layers), when attached.
         self.router = nnx.data(None)
 
@@ -228,14 +245,15 @@ class LlamaModel(nnx.Module):
         if cache is None:
             index = jnp.zeros((), jnp.int32)
             valid = token_mask
+            mask = slot_mask(valid, index, t, self.cfg.sliding_window)  # [B, T, T]
+            if segment_ids is not None:
+                mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed sequences) need a cache-free forward")
             index = cache.index
             valid = write_slots(cache.valid, token_mask, index)
-        mask = self._attention_mask(valid, index, t)
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids (packed sequences) need a cache-free forward")
-            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            mask = valid  # the attention reads the slots it needs (cached_attention)
         cos, sin = rope_cos_sin(self.cfg, positions, cache.length if cache is not None else t)
 
         def call_layer(layer, x, kv, routing, weights, idx):
@@ -262,6 +280,28 @@ class LlamaModel(nnx.Module):
         out_routing = layer_routings if per_layer else routing
         return ModelOutput(logits, new_cache, out_routing, h if return_hidden else None)
 
+    def configure(
+        self, *, attention_min_slots: int | None = None, weight_left: Any = "keep"
+    ) -> LlamaModel:
+        """Execution settings (static: a change compiles new programs), in place.
+
+        attention_min_slots: the smallest cache prefix cached attention reads (default 128;
+        larger than the cache bucket = whole-bucket attention). weight_left: the linear
+        products' operand order (``pallas_kernels.project``; None = measured choice per
+        backend and row count, True / False to force).
+        """
+        for layer in self.layers:
+            if attention_min_slots is not None:
+                layer.self_attn.min_slots = int(attention_min_slots)
+            if weight_left != "keep":
+                for lin in (*adapted_linears(layer).values(),):
+                    lin.weight_left = weight_left
+        if weight_left != "keep":
+            self.weight_left = weight_left
+            if self.lm_head is not None:
+                self.lm_head.weight_left = weight_left
+        return self
+
     def embed(self, input_ids: Array) -> Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
@@ -273,22 +313,10 @@ class LlamaModel(nnx.Module):
         return self.router(self.layers[0].input_layernorm(self.embed(input_ids)))
 
     def logits(self, h: Array) -> Array:
-        if self.lm_head is None:
+        if self.lm_head is None:  # tied: the embedding is the [vocab, hidden] head
             w = self.embed_tokens[...].astype(h.dtype)
-            return jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+            return project(h, w, weight_left=self.weight_left, preferred_element_type=jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
-
-    def _attention_mask(self, valid: Array, index: Array, t: int) -> Array:
-        """[B, T, S]: query t (at slot index+t) sees valid slots s <= its own slot, and
-        with a sliding window only the last ``window`` of them."""
-        s = valid.shape[1]
-        # [B or 1, T, 1]: each query's own slot; index is shared ([]) or per row ([B]).
-        q_slot = jnp.reshape(index, (-1, 1, 1)) + jnp.arange(t)[None, :, None]
-        k_slot = jnp.arange(s)[None, None, :]  # [1, 1, S]
-        allowed = k_slot <= q_slot
-        if self.cfg.sliding_window is not None:
-            allowed &= q_slot - k_slot < self.cfg.sliding_window
-        return valid[:, None, :] & allowed
 
 
 def init_model(

@@ -127,11 +127,11 @@ def prefill_insert(
         prompt_lp = token_logprobs(out.logits[:, :-1], ids[:, 1:], num_logprobs)
     s = cache.length
     k = [
-        c.at[rows, :p].set(x.astype(c.dtype), mode="drop")
+        c.at[rows, :, :p].set(x.astype(c.dtype), mode="drop")
         for c, x in zip(cache.k, out.cache.k, strict=True)
     ]
     v = [
-        c.at[rows, :p].set(x.astype(c.dtype), mode="drop")
+        c.at[rows, :, :p].set(x.astype(c.dtype), mode="drop")
         for c, x in zip(cache.v, out.cache.v, strict=True)
     ]
     valid = cache.valid.at[rows].set(jnp.pad(mask, ((0, 0), (0, s - p))), mode="drop")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsw_jax.model.linear_ops import MAX_WEIGHT_LEFT_ROWS, project
+from pallas_kernels.project import MAX_WEIGHT_LEFT_ROWS, project
 
 
 def _data(lead, d_in, d_out, dtype=np.float32, seed=0):
