@@ -258,8 +258,11 @@ class AdapterConfig:
     layer), ``mola`` (a router per decoder layer), ``lora`` (one plain LoRA; num_experts and
     top_k are 1). Scaling is ``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``).
     Routers: weights start as N(0, ``router_init_std``^2); gates are the softmax of
-    ``logits / router_temperature``; training adds ``aux_loss_coef`` times the Switch
-    load-balancing loss and ``router_z_loss_coef`` times the ST-MoE z-loss.
+    ``logits / router_temperature``; ``router_normalize_input`` rescales each token's
+    router input to unit RMS first (scale-free logits: a layer whose norm weights are small,
+    like SmolLM2's layer 0, otherwise gets a router with tiny logits that barely learns);
+    training adds ``aux_loss_coef`` times the Switch load-balancing loss and
+    ``router_z_loss_coef`` times the ST-MoE z-loss.
     """
 
     kind: str = "switch"
@@ -274,6 +277,7 @@ class AdapterConfig:
     use_rslora: bool = False
     router_init_std: float = 0.02
     router_temperature: float = 1.0
+    router_normalize_input: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:

@@ -88,6 +88,11 @@ def parse_args(argv=None):
     p.add_argument("--z-loss-coef", type=float, default=0.0)
     p.add_argument("--router-init-std", type=float, default=0.02)
     p.add_argument("--router-temperature", type=float, default=1.0)
+    p.add_argument(
+        "--router-raw-input",
+        action="store_true",
+        help="routers read their layer's normalised input as is (default: rescaled to unit RMS)",
+    )
     p.add_argument("--targets", default="all", help="'all' or comma-separated module names")
     p.add_argument("--chunk-chars", type=int, default=2000)
     p.add_argument("--skill-records", type=int, default=1200, help="records per skill")
@@ -224,6 +229,7 @@ def adapter_for(spec: RunSpec, args) -> AdapterConfig:
         router_z_loss_coef=args.z_loss_coef,
         router_init_std=args.router_init_std,
         router_temperature=args.router_temperature,
+        router_normalize_input=not args.router_raw_input,
     )
     if args.targets != "all":
         kw["targets"] = tuple(args.targets.split(","))
@@ -260,7 +266,7 @@ def eval_point(trainer: Trainer, held: PackedDataset, args, step: int) -> dict:
     return point
 
 
-def run_one(model, spec: RunSpec, seed: int, args, train: PackedDataset, held, workdir):
+def run_one(model, spec: RunSpec, seed: int, args, train: PackedDataset, held, base, workdir):
     adapter = adapter_for(spec, args)
     cfg = TrainConfig(
         ckpt="unused",
@@ -282,7 +288,13 @@ def run_one(model, spec: RunSpec, seed: int, args, train: PackedDataset, held, w
     params = count_params(trainer.trainable)
     tag = f"[{spec.label} seed={seed}]"
     print(f"{tag} trainable params: {params}", flush=True)
-    evals = [] if args.measure else [eval_point(trainer, held, args, 0)]
+    if args.measure:
+        evals = []
+    elif spec.method == "lora":  # B = 0: step 0 is the base model, and LoRA has no routing
+        losses = {n: base[n]["loss"] for n in held.domain_names}
+        evals = [{"step": 0, "loss": losses, "group": group_means(losses)}]
+    else:
+        evals = [eval_point(trainer, held, args, 0)]
     history: list[dict] = []
     t_train = 0.0
     every = args.eval_every or cfg.steps
@@ -635,7 +647,7 @@ def main(argv=None) -> dict:
             for spec in specs:
                 if (spec.label, seed) in done:
                     continue
-                run = run_one(model, spec, seed, args, train, held, work)
+                run = run_one(model, spec, seed, args, train, held, res["base"], work)
                 if args.measure:
                     measured.append(run)
                     continue

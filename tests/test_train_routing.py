@@ -68,6 +68,20 @@ def test_router_temperature_and_init_scale():
     np.testing.assert_array_equal(routing.expert_ids, np.argsort(-probs, axis=-1)[..., :2])
 
 
+def test_router_normalized_input_is_scale_free():
+    router = Router(64, 4, 2, normalize_input=True, temperature=0.5, rngs=nnx.Rngs(1))
+    h = np.random.default_rng(2).normal(size=(2, 5, 64)).astype(np.float32)
+    w = np.asarray(router.weight[...], np.float64)
+    logits = []
+    for scale in (0.04, 1.0, 30.0):
+        hs = h.astype(np.float64) * scale
+        unit = hs / np.sqrt((hs**2).mean(-1, keepdims=True) + 1e-6)
+        want = np.einsum("btd,ed->bte", unit, w) / 0.5
+        logits.append(np.asarray(router(jnp.asarray(h * scale)).logits))
+        np.testing.assert_allclose(logits[-1], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits[0], logits[2], rtol=1e-3)  # eps aside, scale-free
+
+
 def test_router_config_validated_and_stored(tmp_path):
     for field, bad in [
         ("router_temperature", 0.0),
@@ -77,14 +91,16 @@ def test_router_config_validated_and_stored(tmp_path):
     ]:
         with pytest.raises(ValueError, match=field):
             AdapterConfig(**{field: bad})
-    cfg = AdapterConfig(kind="switch", num_experts=4, rank=2, router_temperature=0.5)
+    cfg = AdapterConfig(
+        kind="switch", num_experts=4, rank=2, router_temperature=0.5, router_normalize_input=True
+    )
     assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
     model = lsw_jax.init_model(ModelConfig.tiny(), dtype="float32")
     attach_adapter(model, cfg, seed=3)
     save_adapter(model, tmp_path, "a")
     other = lsw_jax.init_model(ModelConfig.tiny(), dtype="float32")
     load_adapter(other, tmp_path, "a")
-    assert other.router.temperature == 0.5
+    assert other.router.temperature == 0.5 and other.router.normalize_input
     ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
     np.testing.assert_array_equal(model(ids), other(ids))
 

@@ -68,7 +68,8 @@ class Router(nnx.Module):
     """``logits[b, t, e] = sum_d h[b, t, d] * weight[e, d] / temperature``, then top-k gating.
 
     weight [E, D] starts as N(0, init_std^2). The temperature divides the logits that the
-    softmax, the top-k and the auxiliary losses all see.
+    softmax, the top-k and the auxiliary losses all see. With ``normalize_input``, h is
+    first rescaled per token to unit RMS (``h / sqrt(mean_d h^2 + 1e-6)``).
     """
 
     def __init__(
@@ -79,17 +80,20 @@ class Router(nnx.Module):
         *,
         init_std: float = 0.02,
         temperature: float = 1.0,
+        normalize_input: bool = False,
         rngs: nnx.Rngs,
     ):
         self.top_k = top_k
         self.temperature = float(temperature)
+        self.normalize_input = bool(normalize_input)
         w = init_std * jax.random.normal(rngs.params(), (num_experts, dim), jnp.float32)
         self.weight = RouterParam(w, logical_axes=("experts", "embed"))
 
     def __call__(self, h: Array) -> Routing:
-        logits = jnp.einsum(
-            "btd,ed->bte", h.astype(jnp.float32), self.weight[...].astype(jnp.float32)
-        )
+        h = h.astype(jnp.float32)
+        if self.normalize_input:
+            h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6)
+        logits = jnp.einsum("btd,ed->bte", h, self.weight[...].astype(jnp.float32))
         return top_k_routing(logits / self.temperature, self.top_k)
 
 
@@ -398,7 +402,12 @@ def attach_adapter(
             rngs=rngs,
         )
     d = model.cfg.hidden_size
-    router_kw = dict(init_std=cfg.router_init_std, temperature=cfg.router_temperature, rngs=rngs)
+    router_kw = dict(
+        init_std=cfg.router_init_std,
+        temperature=cfg.router_temperature,
+        normalize_input=cfg.router_normalize_input,
+        rngs=rngs,
+    )
     if cfg.kind == "lora":
         model.router = FixedRouter()
     elif cfg.kind == "switch":
