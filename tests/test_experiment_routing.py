@@ -10,6 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
+
+import lsw_jax
+from lsw_jax.adapters.lora import LoRAParam, attach_adapter
+from lsw_jax.config import ModelConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "experiment_routing.py"
 
@@ -24,12 +29,6 @@ def _load_script():
 
 def test_run_specs_and_equal_banks():
     """One bank size for every run: LoRA r = bank_rank, E experts of r = bank_rank / E."""
-    from flax import nnx
-
-    import lsw_jax
-    from lsw_jax.adapters.lora import LoRAParam, attach_adapter
-    from lsw_jax.config import ModelConfig
-
     mod = _load_script()
     args = mod.parse_args(["--num-experts", "4", "--bank-rank", "8"])
     specs = {s: mod.RunSpec.parse(s, args) for s in ("lora", "mola", "switch", "switch:k1:e2")}
@@ -67,22 +66,28 @@ def test_paired_gaps_hand_computed():
     np.testing.assert_allclose(gap["skills"], (-25.0, np.std([0.0, -50.0], ddof=1)))
 
 
+TINY = [
+    "--tiny",
+    "--seq-len", "32",
+    "--num-experts", "4",
+    "--bank-rank", "8",
+    "--train-rows", "4",
+    "--eval-rows", "1",
+    "--eval-batch", "2",
+    "--skill-records", "24",
+    "--skills", "add,sort",
+]  # fmt: skip
+
+
 def test_tiny_run_writes_results_and_resumes(tmp_path):
     mod = _load_script()
     argv = [
-        "--tiny",
+        *TINY,
         "--steps", "2",
         "--eval-every", "1",
-        "--seq-len", "32",
-        "--num-experts", "4",
-        "--bank-rank", "8",
-        "--train-rows", "4",
-        "--eval-rows", "1",
-        "--eval-batch", "2",
-        "--skill-records", "24",
-        "--skills", "add,sort",
         "--runs", "lora,switch",
         "--out-dir", str(tmp_path),
+        "--work-dir", str(tmp_path / "work"),
     ]  # fmt: skip
     res = mod.main([*argv, "--seeds", "0"])
     saved = json.loads((tmp_path / "routing_results.json").read_text())
@@ -120,3 +125,45 @@ def test_tiny_run_writes_results_and_resumes(tmp_path):
     assert std is not None and len(std) == 4
     with pytest.raises(SystemExit, match="another config"):
         mod.main([*argv, "--seeds", "0", "--lr", "0.5"])
+
+
+def test_killed_run_resumes_from_its_last_evaluation(tmp_path, monkeypatch):
+    """A run killed mid-way restarts from its last checkpoint (at an evaluation) and ends
+    with the same per-step losses and evaluations as a run never interrupted."""
+    mod = _load_script()
+
+    def argv(name):
+        return [
+            *TINY,
+            "--steps", "4",
+            "--eval-every", "2",
+            "--runs", "mola",
+            "--out-dir", str(tmp_path / name),
+            "--work-dir", str(tmp_path / name / "work"),
+        ]  # fmt: skip
+
+    whole = mod.main(argv("whole"))["runs"][0]
+    real_run, calls = mod.Trainer.run, []
+
+    def killed(self, *, stop_after=None, progress=True):
+        calls.append(self.step)
+        if len(calls) == 2:  # one step past the checkpoint at step 2, then the process dies
+            real_run(self, stop_after=1, progress=False)
+            raise KeyboardInterrupt
+        return real_run(self, stop_after=stop_after, progress=progress)
+
+    monkeypatch.setattr(mod.Trainer, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(argv("cut"))
+    monkeypatch.undo()
+    assert calls == [0, 2]
+    assert not (tmp_path / "cut" / "routing_results.json").exists()
+    resumed = mod.main(argv("cut"))["runs"][0]
+    assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
+    for key in ("ce", "loss"):  # step 3 ran twice: the replay is bit-exact
+        assert [h[key] for h in resumed["history"]] == [h[key] for h in whole["history"]]
+    assert [e["step"] for e in resumed["evals"]] == [0, 2, 4]
+    for got, want in zip(resumed["evals"], whole["evals"], strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+        assert got["routing"]["mi_layer0"] == pytest.approx(want["routing"]["mi_layer0"], abs=1e-6)
+    assert not (tmp_path / "cut" / "work" / "lsw_jax_routing_runs" / "mola_E4_k2-s0").exists()
