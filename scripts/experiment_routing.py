@@ -78,7 +78,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help="converted checkpoint directory")
     p.add_argument("--tiny", action="store_true", help="random tiny model + byte tokenizer")
-    p.add_argument("--runs", default="lora,mola,switch", help="run specs, comma-separated")
+    p.add_argument(
+        "--runs",
+        default="lora,mola,switch",
+        help="run specs, comma-separated; phases separated by ';', each may end in @seeds",
+    )
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--steps", type=int, default=320)
     p.add_argument("--seq-len", type=int, default=128)
@@ -222,6 +226,20 @@ class RunSpec:
         if self.method == "lora":
             return "lora"
         return f"{self.method} E{self.num_experts} k{self.top_k}"
+
+
+def schedule(args) -> list[tuple[RunSpec, int]]:
+    """(spec, seed) in run order. ``--runs`` holds phases separated by ';', each
+    ``spec,spec[@seed,seed]`` (seeds default to ``--seeds``); a phase runs seed by seed."""
+    todo: list[tuple[RunSpec, int]] = []
+    for phase in args.runs.split(";"):
+        specs, _, seeds = phase.partition("@")
+        for seed in (int(x) for x in (seeds or args.seeds).split(",")):
+            for spec in specs.split(","):
+                item = (RunSpec.parse(spec, args), seed)
+                if item not in todo:
+                    todo.append(item)
+    return todo
 
 
 def adapter_for(spec: RunSpec, args) -> AdapterConfig:
@@ -432,16 +450,16 @@ def markdown(res: dict) -> str:
     summ = res["summary"]
     short = [n.replace("skill:", "") for n in names]
     lines = [
-        "Held-out loss (nats per target token), mean ± std over seeds "
-        f"{res['config']['seeds']} (std with ddof=1):",
+        "Held-out loss (nats per target token), mean ± std over each run's seeds "
+        "(std with ddof=1):",
         "",
-        "| run | " + " | ".join(short) + " | mean text | mean skills |",
-        "|---" * (len(names) + 3) + "|",
+        "| run | seeds | " + " | ".join(short) + " | mean text | mean skills |",
+        "|---" * (len(names) + 4) + "|",
     ]
     base = {n: res["base"][n]["loss"] for n in names}
     g = group_means(base)
     lines.append(
-        "| base model | "
+        "| base model | | "
         + " | ".join(f"{base[n]:.3f}" for n in names)
         + f" | {g['text']:.3f} | {g['skills']:.3f} |"
     )
@@ -450,7 +468,9 @@ def markdown(res: dict) -> str:
         cells = [_pm(m, sd) for m, sd in zip(s["loss_mean"], std, strict=True)]
         gm, gs = s["group_mean"], s["group_std"]
         lines.append(
-            f"| {label} | " + " | ".join(cells) + f" | {_pm(gm['text'], gs['text'])} | "
+            f"| {label} | {','.join(map(str, s['seeds']))} | "
+            + " | ".join(cells)
+            + f" | {_pm(gm['text'], gs['text'])} | "
             f"{_pm(gm['skills'], gs['skills'])} |"
         )
     lines += ["", "Gaps, paired by seed ((a - b) / b of the mean group loss, %):", ""]
@@ -631,7 +651,7 @@ def main(argv=None) -> dict:
     # Seeds of one spec compile the same programs: later runs load them from the cache.
     configure_compile_cache(args.compile_cache)
     out.mkdir(parents=True, exist_ok=True)
-    specs = [RunSpec.parse(s, args) for s in args.runs.split(",")]
+    todo = schedule(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     model, tok, model_name = load(args)
     domains = build_domains(args)
@@ -697,19 +717,18 @@ def main(argv=None) -> dict:
     measured = []
     if args.measure:
         work = pathlib.Path(tempfile.mkdtemp(prefix="lsw_jax_measure_"))
-    for seed in seeds:
-        for spec in specs:
-            if (spec.label, seed) in done:
-                continue
-            run = run_one(model, spec, seed, args, train, held, res["base"], work)
-            if not args.measure:
-                res["runs"].append(run)
-                res["runs_meta"][spec.label] = dataclasses.asdict(spec)
-                write_results(res, out, args.prefix)
-            else:
-                measured.append(run)
-            # Its numbers are in the results: the checkpoints (~100 MB) can go.
-            shutil.rmtree(work / f"{spec.label.replace(' ', '_')}-s{seed}")
+    for spec, seed in todo:
+        if (spec.label, seed) in done:
+            continue
+        run = run_one(model, spec, seed, args, train, held, res["base"], work)
+        if not args.measure:
+            res["runs"].append(run)
+            res["runs_meta"][spec.label] = dataclasses.asdict(spec)
+            write_results(res, out, args.prefix)
+        else:
+            measured.append(run)
+        # Its numbers are in the results: the checkpoints (~100 MB) can go.
+        shutil.rmtree(work / f"{spec.label.replace(' ', '_')}-s{seed}")
     if args.measure:
         return {"runs": measured}
     write_results(res, out, args.prefix)

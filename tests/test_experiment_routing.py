@@ -49,6 +49,19 @@ def test_run_specs_and_equal_banks():
             mod.RunSpec.parse(bad, args)
 
 
+def test_schedule_runs_phases_seed_by_seed():
+    mod = _load_script()
+    args = mod.parse_args(["--runs", "lora,switch@0,1;switch:k1;lora@1", "--seeds", "5"])
+    got = [(s.label, seed) for s, seed in mod.schedule(args)]
+    assert got == [
+        ("lora", 0),
+        ("switch E8 k2", 0),
+        ("lora", 1),
+        ("switch E8 k2", 1),
+        ("switch E8 k1", 5),
+    ]
+
+
 def test_paired_gaps_hand_computed():
     mod = _load_script()
     runs = [
