@@ -257,6 +257,12 @@ class AdapterConfig:
     kind: ``switch`` (LoRA-Switch: one pre-gated router, the same top-k experts in every
     layer), ``mola`` (a router per decoder layer), ``lora`` (one plain LoRA; num_experts and
     top_k are 1). Scaling is ``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``).
+    Routers: weights start as N(0, ``router_init_std``^2); gates are the softmax of
+    ``logits / router_temperature``; ``router_normalize_input`` rescales each token's
+    router input to unit RMS first (scale-free logits: a layer whose norm weights are small,
+    like SmolLM2's layer 0, otherwise gets a router with tiny logits that barely learns);
+    training adds ``aux_loss_coef`` times the Switch load-balancing loss and
+    ``router_z_loss_coef`` times the ST-MoE z-loss.
     """
 
     kind: str = "switch"
@@ -269,6 +275,9 @@ class AdapterConfig:
     aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     use_rslora: bool = False
+    router_init_std: float = 0.02
+    router_temperature: float = 1.0
+    router_normalize_input: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
@@ -285,6 +294,11 @@ class AdapterConfig:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        for name in ("aux_loss_coef", "router_z_loss_coef", "router_init_std"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.router_temperature <= 0:
+            raise ValueError(f"router_temperature={self.router_temperature} must be > 0")
 
     @property
     def scale(self) -> float:

@@ -595,31 +595,50 @@ _WORDS = (
     "apple river stone cloud tiger maple orbit candle violet harbor "
     "falcon pepper silver meadow lantern copper willow thunder pebble ember"
 ).split()
-SKILLS = ("reverse", "add", "sort", "upper")
+# Word skills share one vocabulary and number skills share digits, so a router can only
+# tell them apart from the instruction word, not from the tokens being produced.
+SKILLS = ("reverse", "add", "sort", "upper", "count", "initials", "sub", "shift")
+
+
+def _words(rng: np.random.Generator, lo: int, hi: int) -> list[str]:
+    return [_WORDS[i] for i in rng.integers(0, len(_WORDS), rng.integers(lo, hi))]
+
+
+def _letters(rng: np.random.Generator, lo: int, hi: int) -> str:
+    return "".join(chr(97 + int(i)) for i in rng.integers(0, 26, rng.integers(lo, hi)))
 
 
 def _skill_record(skill: str, rng: np.random.Generator) -> dict[str, str]:
-    if skill == "reverse":
-        words = [_WORDS[i] for i in rng.integers(0, len(_WORDS), rng.integers(3, 7))]
-        return {"prompt": f"reverse: {' '.join(words)}\n", "response": " ".join(words[::-1])}
-    if skill == "add":
+    if skill in ("reverse", "upper", "count", "initials"):
+        words = _words(rng, 3, 7) if skill == "reverse" else _words(rng, 2, 6)
+        response = {
+            "reverse": lambda w: " ".join(w[::-1]),
+            "upper": lambda w: " ".join(w).upper(),
+            "count": lambda w: str(len(w)),
+            "initials": lambda w: "".join(x[0] for x in w),
+        }[skill](words)
+        return {"prompt": f"{skill}: {' '.join(words)}\n", "response": response}
+    if skill in ("add", "sub"):
         a, b = (int(x) for x in rng.integers(0, 1000, 2))
-        return {"prompt": f"add: {a} + {b}\n", "response": str(a + b)}
+        op, value = ("+", a + b) if skill == "add" else ("-", a - b)
+        return {"prompt": f"{skill}: {a} {op} {b}\n", "response": str(value)}
     if skill == "sort":
-        letters = "".join(chr(97 + int(i)) for i in rng.integers(0, 26, rng.integers(4, 10)))
+        letters = _letters(rng, 4, 10)
         return {"prompt": f"sort: {letters}\n", "response": "".join(sorted(letters))}
-    if skill == "upper":
-        words = [_WORDS[i] for i in rng.integers(0, len(_WORDS), rng.integers(2, 6))]
-        return {"prompt": f"upper: {' '.join(words)}\n", "response": " ".join(words).upper()}
+    if skill == "shift":
+        letters = _letters(rng, 4, 10)
+        shifted = "".join(chr(97 + (ord(c) - 96) % 26) for c in letters)
+        return {"prompt": f"shift: {letters}\n", "response": shifted}
     raise ValueError(f"unknown skill {skill!r}; known: {SKILLS}")
 
 
 def synthetic_skills(n: int, seed: int, *, skills: Sequence[str] = SKILLS) -> list[dict[str, str]]:
     """``n`` prompt/response records tagged ``"skill"``, deterministic in ``seed``.
 
-    Skills (prompt -> response): ``reverse`` a word list, ``add`` two integers < 1000,
-    ``sort`` letters, ``upper``-case words. Skill counts are balanced (``i % len(skills)``)
-    and their order shuffled.
+    Skills (prompt -> response): ``reverse`` a word list, ``add`` / ``sub`` two integers
+    < 1000, ``sort`` letters, ``upper``-case words, ``count`` the words, the words'
+    ``initials``, ``shift`` each letter to the next (z -> a). Skill counts are balanced
+    (``i % len(skills)``) and their order shuffled.
     """
     rng = np.random.default_rng(seed)
     kinds = [skills[i % len(skills)] for i in rng.permutation(n)]

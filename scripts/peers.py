@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lsw_jax.linears import checkpoint_table, iter_checkpoint_tensors
+
 _TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -47,27 +49,12 @@ def hf_llama_from_ours(model: Any, *, dtype: torch.dtype = torch.float32, device
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hf_cfg)
 
-    def t(x):
-        return torch.from_numpy(np.asarray(x[...], np.float32)).to(dtype)
-
+    # The model holds fused linears; the checkpoint view splits them back into HF's parts.
+    names = {path: key for key, (path, _) in checkpoint_table(cfg).items()}
     state = {
-        "model.embed_tokens.weight": t(model.embed_tokens),
-        "model.norm.weight": t(model.norm.weight),
+        names[path]: torch.from_numpy(np.array(arr, np.float32)).to(dtype)
+        for path, arr in iter_checkpoint_tensors(model)
     }
-    if model.lm_head is not None:
-        state["lm_head.weight"] = t(model.lm_head.weight)
-    for i, layer in enumerate(model.layers):
-        pre = f"model.layers.{i}"
-        state[f"{pre}.input_layernorm.weight"] = t(layer.input_layernorm.weight)
-        state[f"{pre}.post_attention_layernorm.weight"] = t(layer.post_attention_layernorm.weight)
-        for group, mod in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
-            for name in _TARGETS:
-                lin = getattr(mod, name, None)
-                if lin is None:
-                    continue
-                state[f"{pre}.{group}.{name}.weight"] = t(lin.weight)
-                if lin.bias is not None:
-                    state[f"{pre}.{group}.{name}.bias"] = t(lin.bias)
     hf.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         hf.tie_weights()

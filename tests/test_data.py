@@ -3,6 +3,7 @@
 import collections
 import importlib.util
 import json
+import string
 import warnings
 
 import numpy as np
@@ -339,19 +340,29 @@ def _solve(skill, body):
         return " ".join(body.split()[::-1])
     if skill == "add":
         return str(sum(int(x) for x in body.split(" + ")))
+    if skill == "sub":
+        a, b = body.split(" - ")
+        return str(int(a) - int(b))
     if skill == "sort":
         return "".join(sorted(body))
+    if skill == "count":
+        return str(len(body.split()))
+    if skill == "initials":
+        return "".join(w[0] for w in body.split())
+    if skill == "shift":
+        return body.translate(str.maketrans(string.ascii_lowercase, "bcdefghijklmnopqrstuvwxyza"))
     assert skill == "upper"
     return body.upper()
 
 
 def test_synthetic_skills():
-    recs = data.synthetic_skills(40, seed=7)
-    assert recs == data.synthetic_skills(40, seed=7)
-    assert recs != data.synthetic_skills(40, seed=8)
+    recs = data.synthetic_skills(80, seed=7)
+    assert recs == data.synthetic_skills(80, seed=7)
+    assert recs != data.synthetic_skills(80, seed=8)
     assert collections.Counter(r["skill"] for r in recs) == {s: 10 for s in data.SKILLS}
+    assert len(data.SKILLS) == 8
     for r in recs:
         want = _solve(r["skill"], r["prompt"].split(": ", 1)[1].rstrip("\n"))
         assert r["response"] == want and r["prompt"].startswith(r["skill"] + ": ")
     ds = data.pack_documents(recs, TOK, seq_len=32)
-    assert ds.stats["documents"] == 40
+    assert ds.stats["documents"] == 80
