@@ -51,6 +51,7 @@ def decode_step(
     plan: Plan,
     weights: Any,
     routing: Routing | RowRouter | None = None,
+    logits_at: Array | None = None,
 ) -> ModelOutput:
     """One forward over new tokens with the KV cache: the step of ``generate``'s prefill
     and loop and of the engine's prefill and decode.
@@ -58,7 +59,8 @@ def decode_step(
     ``weights``: the plan's prepared weights (``lsw_jax.plans``): per layer FusedBanks
     (unmerged), a ``MergedWeights`` already switched to the selection (merged; None: the
     plain weights) or None (dense). ``routing``: per-row experts given by the caller (the engine's ``RowRouter``);
-    None routes through the model's own router(s).
+    None routes through the model's own router(s). ``logits_at`` [B]: the logits at that
+    position only (``LlamaModel.forward``).
     """
     if plan is Plan.MERGED and weights is not None:
         weights = weights.layer_weights(len(model.layers))
@@ -70,6 +72,7 @@ def decode_step(
         routing=routing,
         plan=plan,
         plan_weights=weights,
+        logits_at=logits_at,
     )
 
 
@@ -115,8 +118,16 @@ def _generate_jit(
     prefill_weights, weights = prepare_weights(model, plan, impl)
     prefill_plan = Plan.UNMERGED if plan is Plan.MERGED else plan
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    last = jnp.full((b,), input_ids.shape[1] - 1, jnp.int32)  # left-padded: the last token
     out = decode_step(
-        model, input_ids, positions, attention_mask, cache, prefill_plan, prefill_weights
+        model,
+        input_ids,
+        positions,
+        attention_mask,
+        cache,
+        prefill_plan,
+        prefill_weights,
+        logits_at=last,
     )
     pos = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # next position per row
     tok = sample_rows(out.logits[:, -1], rs)

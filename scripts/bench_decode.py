@@ -19,6 +19,10 @@ is the median over ``--repeats`` (after one warm-up call that compiles); ours an
 transformers take turns within every repeat. The roofline: weight bytes read per step / GEMV
 bandwidth measured in this run.
 
+Prefill suite: the warm time to the first token for prompts of ``--prompt-lens`` tokens
+(``generate`` of 2 tokens, read as above), as prompt tokens per second, against
+transformers eager.
+
 Fill suite: the decode step alone at cache fills ``--fills`` of a ``--cache-len`` bucket
 (``k`` steps of the model's forward from a prefilled cache, ``(t(4 + N) - t(4)) / N``), with
 the model (attention bounded to the filled slots) and, as the baseline, the model reading
@@ -27,6 +31,7 @@ the whole bucket (``--variants``), and transformers eager from a prefilled cache
     python scripts/bench_decode.py --suite decode --batch 1,4,8,16
     python scripts/bench_decode.py --suite fill --batch 1 --new-tokens 16
     python scripts/bench_decode.py --suite adapters --batch 1,4,16,64 --new-tokens 16
+    python scripts/bench_decode.py --suite prefill --batch 1 --prompt-lens 128,512
     python scripts/bench_decode.py --model llama7b ...                 # GPU only
 
 Writes ``docs/figures/bench_<suite>_<model>.{json,md,png}``.
@@ -492,6 +497,46 @@ def run_fill_suite(model, args, batches, torch_dev) -> list[dict]:
     return rows
 
 
+def run_prefill_suite(model, args, batches, torch_dev) -> list[dict]:
+    """Prompt processing: the warm time to the first token of ``generate`` (prefill of the
+    whole prompt, then one sampled token) for prompts of ``--prompt-lens`` tokens, ours and
+    transformers eager taking turns; tokens/s = batch x prompt tokens / that time."""
+    hf = None if args.no_torch else _hf(model, torch_dev)
+    rows = []
+    for b in batches:
+        for length in (int(x) for x in args.prompt_lens.split(",")):
+            ids = _prompts(model.cfg.vocab_size, b, length)
+            timers = [ours_timer(model, ids, 2, "dense")]
+            if hf is not None:
+                timers.append(torch_timer(hf, ids, 2))
+            times = step_times(timers, args.repeats)
+            for label, t in zip(("ours: the model", "torch: HF eager"), times, strict=False):
+                sec = t["first_token"]
+                rows.append(
+                    {
+                        "batch": b,
+                        "prompt_len": length,
+                        "impl": label,
+                        "ms": sec * 1e3,
+                        "tokens_per_s": b * length / sec,
+                    }
+                )
+                print(json.dumps(rows[-1]))
+    for r in rows:
+        hf_row = next(
+            (
+                x
+                for x in rows
+                if (x["batch"], x["prompt_len"], x["impl"])
+                == (r["batch"], r["prompt_len"], "torch: HF eager")
+            ),
+            None,
+        )
+        if hf_row is not None:
+            r["vs_hf"] = r["tokens_per_s"] / hf_row["tokens_per_s"]
+    return rows
+
+
 def _hf(model, dev):
     import torch
     from peers import hf_llama_from_ours
@@ -627,6 +672,17 @@ def write_outputs(suite, model_name, rows, env, extra, out_dir: Path) -> None:
                 f"| {r.get('hf_over_ours', nan):.2f}x | {r['floor_ms']:.1f} "
                 f"| {r['ours_over_floor']:.2f}x | {r['ours_pct_of_roofline']:.0f}% |"
             )
+    elif suite == "prefill":
+        lines += [
+            "| batch | prompt tokens | implementation | ms to first token | prompt tokens/s "
+            "| tokens/s over HF eager |",
+            "|---:|---:|---|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['batch']} | {r['prompt_len']} | {r['impl']} | {r['ms']:.0f} "
+                f"| {r['tokens_per_s']:.0f} | {r.get('vs_hf', float('nan')):.2f}x |"
+            )
     elif suite == "fill":
         fills = sorted({r["fill"] for r in rows})
         lines += [
@@ -689,6 +745,11 @@ def _plot(suite, rows, path, env) -> None:
             ax.plot(bs, [r["hf_eager_ms"] for r in first], "s-", label="transformers eager")
         ax.plot(bs, [r["floor_ms"] for r in first], "k--", label="weight-bandwidth floor")
         ax.set_xlabel("batch")
+    elif suite == "prefill":
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["prompt_len"], r["tokens_per_s"]) for r in rows if r["impl"] == impl)
+            ax.plot(*zip(*pts, strict=True), "o-", label=impl)
+        ax.set_xlabel("prompt tokens")
     elif suite == "fill":
         for b, impl in dict.fromkeys((r["batch"], r["impl"]) for r in rows):
             pts = sorted((r["fill"], r["ms"]) for r in rows if (r["batch"], r["impl"]) == (b, impl))
@@ -701,7 +762,7 @@ def _plot(suite, rows, path, env) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("batch")
     ax.set_xscale("log", base=2)
-    ax.set_ylabel("ms per decode step")
+    ax.set_ylabel("prompt tokens / s" if suite == "prefill" else "ms per decode step")
     ax.set_title(f"decode, {env['cpu']} ({env['date']})", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -712,7 +773,7 @@ def _plot(suite, rows, path, env) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("smollm2", "llama7b"), default="smollm2")
-    ap.add_argument("--suite", choices=("decode", "adapters", "fill"), default="decode")
+    ap.add_argument("--suite", choices=("decode", "adapters", "fill", "prefill"), default="decode")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument(
         "--new-tokens",
@@ -726,6 +787,7 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
     ap.add_argument("--torch-compile", action="store_true", help="add torch.compile peer rows")
     ap.add_argument("--threads", type=int, default=0, help="1: one thread for XLA and torch")
+    ap.add_argument("--prompt-lens", default="128,512", help="prefill suite: prompt tokens")
     ap.add_argument("--fills", default="64,512,2048", help="fill suite: cache fills")
     ap.add_argument("--cache-len", type=int, default=2048, help="fill suite: cache slots")
     ap.add_argument(
@@ -764,6 +826,9 @@ def main() -> None:
     elif args.suite == "fill":
         rows = run_fill_suite(model, args, batches, torch_dev)
         extra.update(cache_len=args.cache_len, fills=args.fills)
+    elif args.suite == "prefill":
+        rows = run_prefill_suite(model, args, batches, torch_dev)
+        extra["prompt_lens"] = args.prompt_lens
     else:
         rows = run_adapter_suite(model, args, batches, torch_dev)
     env["load_average_at_end"] = os.getloadavg()

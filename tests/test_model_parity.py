@@ -106,6 +106,20 @@ def test_cached_decode_equals_full_forward(converted, name):
     assert rel_err(got, full) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["gqa", "tied"])
+def test_logits_at_one_position_per_row(converted, name):
+    """A prefill that samples one token computes the head at one position per row."""
+    import jax.numpy as jnp
+
+    _, ours, _ = converted(name)
+    ids = np.random.default_rng(4).integers(3, 160, (3, 9))
+    full = np.asarray(ours(ids))
+    at = np.array([8, 0, 5])
+    got = np.asarray(ours.forward(jnp.asarray(ids), logits_at=jnp.asarray(at)).logits)
+    assert got.shape == (3, 1, full.shape[-1])
+    assert rel_err(got[:, 0], full[np.arange(3), at]) < 1e-6
+
+
 @pytest.mark.parametrize("name", ["gqa", "tied", "mistral_window"])
 def test_greedy_generate_matches_hf(converted, name):
     import torch

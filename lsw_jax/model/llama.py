@@ -227,7 +227,10 @@ class LlamaModel(nnx.Module):
         plan: Plan | str = Plan.DENSE,
         plan_weights: Any = None,  # per layer {fused linear: prepared weights} (lsw_jax.plans)
         return_hidden: bool = False,
+        logits_at: Array | None = None,  # [B] int: the head at this position of T only
     ) -> ModelOutput:
+        """Logits ``[B, T, V]``, or ``[B, 1, V]`` at ``logits_at`` (a prefill that samples
+        one token needs one row of the vocabulary-sized head, not T)."""
         plan = as_plan(plan)
         b, t = input_ids.shape
         token_mask = (
@@ -274,7 +277,8 @@ class LlamaModel(nnx.Module):
         if cache is not None:
             new_cache = KVCache(k=new_k, v=new_v, valid=valid, index=index + t)
         h = self.norm(x)
-        logits = self.logits(h)
+        head_in = h if logits_at is None else jnp.take_along_axis(h, logits_at[:, None, None], 1)
+        logits = self.logits(head_in)
         # MoLA routes per layer: report every layer's routing; otherwise the shared one.
         per_layer = row_router is not None or any(layer.router is not None for layer in self.layers)
         out_routing = layer_routings if per_layer else routing

@@ -119,8 +119,15 @@ def prefill_insert(
     router = None if tables is None else RowRouter(tables, slots, k_max=k_max)
     plan = Plan.DENSE if tables is None else Plan.UNMERGED
     positions = jnp.broadcast_to(jnp.arange(p)[None], (r, p))
-    out = decode_step(model, ids, positions, mask, small, plan, weights, routing=router)
-    last = jnp.take_along_axis(out.logits, (lens - 1)[:, None, None], axis=1)[:, 0]
+    # Prompt log-probabilities need every position's logits; otherwise only the last's.
+    at = None if prompt_logprobs else lens - 1
+    out = decode_step(
+        model, ids, positions, mask, small, plan, weights, routing=router, logits_at=at
+    )
+    if prompt_logprobs:
+        last = jnp.take_along_axis(out.logits, (lens - 1)[:, None, None], axis=1)[:, 0]
+    else:
+        last = out.logits[:, 0]
     tok = sample_rows(last, rs)
     prompt_lp = None
     if prompt_logprobs:  # log p(ids[t+1] | ids[:t+1]) from the same prefill logits
