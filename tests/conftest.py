@@ -1,11 +1,11 @@
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-# CLI calls made in-process must not write the user's compilation cache (~/.cache/lsw-jax).
-os.environ.setdefault("LSW_JAX_COMPILE_CACHE", "off")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -16,6 +16,29 @@ def pytest_configure(config):
     markexpr = config.getoption("markexpr") or ""
     if not ("gpu" in markexpr and "not gpu" not in markexpr):
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    _share_compiled_programs(config)
+
+
+def _share_compiled_programs(config) -> None:
+    """One JAX persistent compilation cache for the run, in a temporary folder (never the
+    user's ~/.cache/lsw-jax): many tests build the same tiny models and compile identical
+    programs, and every compile after the first becomes a load. CLI calls made in-process
+    and child processes (which inherit the environment) use the same folder."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not cache:
+        cache = tempfile.mkdtemp(prefix="lsw_jax_test_xla_")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("LSW_JAX_COMPILE_CACHE", cache)
+    import jax  # after JAX_PLATFORMS: the backend itself starts lazily
+
+    # Also when a plugin imported jax before this hook (jax reads these variables at import).
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -347,7 +347,7 @@ class Engine:
                 args = self._prefill_args([], p, r)
                 if p * r <= run_tokens:
                     _, _, _, self.cache = steps.prefill_insert(*args, **static)
-                elif jax.config.jax_enable_compilation_cache:
+                elif _compile_cache_on():  # without a cache, a compile-only is lost
                     steps.prefill_insert.lower(*args, **static).compile()
         idle = ([None] * self.slots, np.zeros((self.slots,), np.int32))
         if self.pool is None:
@@ -679,3 +679,8 @@ class Engine:
             self._send(req, Update([t], delta, entries))
             if reason is not None:
                 self._finish(req, reason)
+
+
+def _compile_cache_on() -> bool:
+    """JAX's persistent compilation cache is on and has a folder to write to."""
+    return bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
