@@ -613,8 +613,15 @@ def plots(res: dict, out: pathlib.Path, prefix: str) -> list[str]:
 NOT_RESULT_SETTINGS = ("seeds", "runs", "work_dir", "compile_cache", "out_dir")
 
 
+def _home_relative(path: str) -> str:
+    """A path as the results file records it: under the user's home as ~/..., so it ports."""
+    home = str(pathlib.Path.home())
+    return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
+
+
 def _check_same_config(old: dict, new: dict, where: pathlib.Path) -> None:
     old, new = ({k: v for k, v in c.items() if k not in NOT_RESULT_SETTINGS} for c in (old, new))
+    old["ckpt"], new["ckpt"] = (_home_relative(c.get("ckpt", "")) for c in (old, new))
     if old != new:
         diff = {
             k: (old.get(k), new.get(k)) for k in old.keys() | new.keys() if old.get(k) != new.get(k)
@@ -675,7 +682,7 @@ def main(argv=None) -> dict:
     print(f"{len(train)} training rows; {args.steps} steps = {epochs:.2f} epochs", flush=True)
 
     results_path = out / f"{args.prefix}_results.json"
-    config = {**vars(args), "seeds": seeds}
+    config = {**vars(args), "seeds": seeds, "ckpt": _home_relative(args.ckpt)}
     work = pathlib.Path(args.work_dir or tempfile.gettempdir()) / f"lsw_jax_{args.prefix}_runs"
     res: dict[str, Any] = {}
     if not args.measure:
