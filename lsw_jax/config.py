@@ -262,7 +262,12 @@ class AdapterConfig:
     router input to unit RMS first (scale-free logits: a layer whose norm weights are small,
     like SmolLM2's layer 0, otherwise gets a router with tiny logits that barely learns);
     training adds ``aux_loss_coef`` times the Switch load-balancing loss and
-    ``router_z_loss_coef`` times the ST-MoE z-loss.
+    ``router_z_loss_coef`` times the ST-MoE z-loss. ``router_context`` (switch only):
+    ``token`` routes each token on its own layer-0 input (LoRA-Switch); ``prefix_mean`` on
+    the mean of that input over the document so far, which the router still knows before
+    any layer runs. ``prefix_mean`` adapters run in cache-free forwards (training,
+    evaluation, scoring); decoding with a KV cache and serving refuse them, since the KV
+    cache does not carry the running mean yet.
     """
 
     kind: str = "switch"
@@ -278,6 +283,7 @@ class AdapterConfig:
     router_init_std: float = 0.02
     router_temperature: float = 1.0
     router_normalize_input: bool = False
+    router_context: str = "token"
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
@@ -299,6 +305,14 @@ class AdapterConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.router_temperature <= 0:
             raise ValueError(f"router_temperature={self.router_temperature} must be > 0")
+        if self.router_context not in ("token", "prefix_mean"):
+            raise ValueError(
+                f"router_context={self.router_context!r} must be 'token' or 'prefix_mean'"
+            )
+        if self.router_context != "token" and self.kind != "switch":
+            raise ValueError(
+                f"router_context={self.router_context!r} is for kind='switch' (got {self.kind!r})"
+            )
 
     @property
     def scale(self) -> float:

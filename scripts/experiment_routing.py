@@ -8,8 +8,10 @@ bank of E experts has rank ``bank_rank / E`` per expert and plain LoRA has rank
 ``bank_rank`` (routers come on top and are counted separately); every run uses the same
 ``alpha / rank`` scale.
 
-A run is named by a spec ``method[:k<top_k>][:e<experts>]``, e.g. ``switch:k1`` or
-``switch:e4``; missing parts take ``--top-k`` / ``--num-experts``. Each (spec, seed) is
+A run is named by a spec ``method[:k<top_k>][:e<experts>][:ctx]``, e.g. ``switch:k1`` or
+``switch:e4``; missing parts take ``--top-k`` / ``--num-experts``; ``switch:ctx`` routes on
+the mean of layer 0's input over the document so far (``router_context="prefix_mean"``)
+instead of the token alone. Each (spec, seed) is
 trained and evaluated at steps 0, every ``--eval-every`` steps and at the end: held-out loss
 per domain and, for routed adapters, expert load, routing entropy and I(domain; expert)
 (``lsw_jax.evaluate``). Results are written after every run, and a rerun with the same
@@ -201,31 +203,37 @@ class RunSpec:
     method: str
     top_k: int
     num_experts: int
+    router_context: str = "token"
 
     @classmethod
     def parse(cls, spec: str, args) -> RunSpec:
         method, *mods = spec.strip().split(":")
         if method not in METHODS:
             raise ValueError(f"run spec {spec!r}: method must be one of {METHODS}")
-        top_k, experts = args.top_k, args.num_experts
+        top_k, experts, context = args.top_k, args.num_experts, "token"
         for m in mods:
             if m[:1] == "k" and m[1:].isdigit():
                 top_k = int(m[1:])
             elif m[:1] == "e" and m[1:].isdigit():
                 experts = int(m[1:])
+            elif m == "ctx" and method == "switch":
+                context = "prefix_mean"
             else:
-                raise ValueError(f"run spec {spec!r}: unknown part {m!r} (k<top_k> or e<experts>)")
+                raise ValueError(
+                    f"run spec {spec!r}: unknown part {m!r} (k<top_k>, e<experts>, switch:ctx)"
+                )
         if method == "lora":
             top_k, experts = 1, 1
         if args.bank_rank % experts:
             raise ValueError(f"run spec {spec!r}: --bank-rank {args.bank_rank} % {experts} != 0")
-        return cls(method, top_k, experts)
+        return cls(method, top_k, experts, context)
 
     @property
     def label(self) -> str:
         if self.method == "lora":
             return "lora"
-        return f"{self.method} E{self.num_experts} k{self.top_k}"
+        ctx = " ctx" if self.router_context == "prefix_mean" else ""
+        return f"{self.method} E{self.num_experts} k{self.top_k}{ctx}"
 
 
 def schedule(args) -> list[tuple[RunSpec, int]]:
@@ -255,6 +263,7 @@ def adapter_for(spec: RunSpec, args) -> AdapterConfig:
         router_init_std=args.router_init_std,
         router_temperature=args.router_temperature,
         router_normalize_input=not args.router_raw_input,
+        router_context=spec.router_context,
     )
     if args.targets != "all":
         kw["targets"] = tuple(args.targets.split(","))

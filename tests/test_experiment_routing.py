@@ -44,9 +44,23 @@ def test_run_specs_and_equal_banks():
     assert counts["switch"]["router"] == 4 * 64  # E x hidden
     assert counts["mola"]["router"] == 2 * counts["switch"]["router"]  # one per layer
     assert counts["switch:k1:e2"]["router"] == 2 * 64
-    for bad in ("moe", "switch:x3", "switch:e3"):  # 8 % 3 != 0
+    ctx = mod.RunSpec.parse("switch:ctx", args)
+    assert ctx == mod.RunSpec("switch", 2, 4, "prefix_mean") and ctx.label == "switch E4 k2 ctx"
+    assert mod.adapter_for(ctx, args).router_context == "prefix_mean"
+    for bad in ("moe", "switch:x3", "switch:e3", "mola:ctx"):  # 8 % 3 != 0
         with pytest.raises(ValueError, match="run spec"):
             mod.RunSpec.parse(bad, args)
+
+
+def test_results_record_the_checkpoint_under_home():
+    mod = _load_script()
+    home = Path.home()
+    assert mod._home_relative(str(home / ".cache" / "m")) == "~/.cache/m"
+    assert mod._home_relative("/elsewhere/m") == "/elsewhere/m"
+    old, new = {"ckpt": str(home / "m"), "lr": 1.0}, {"ckpt": "~/m", "lr": 1.0}
+    mod._check_same_config(old, new, Path("x"))  # the same checkpoint
+    with pytest.raises(SystemExit, match="another config"):
+        mod._check_same_config(old, {**new, "ckpt": "/other/m"}, Path("x"))
 
 
 def test_schedule_runs_phases_seed_by_seed():

@@ -65,13 +65,12 @@ def _random_lora(ckpt: Path, name: str, rank: int, seed: int, targets="all") -> 
     save_adapter(model, ckpt, name)
 
 
-def _random_bank(ckpt: Path, name: str, kind: str, seed: int) -> None:
+def _random_bank(ckpt: Path, name: str, kind: str, seed: int, **router_kw) -> None:
     """A stored LoRA-Switch / MoLA adapter (4 experts, top-2, rank 4) with random non-zero
     B and routers strong enough that the chosen experts change from token to token."""
     model = lsw_jax.load_model(ckpt, dtype="float32")
-    attach_adapter(
-        model, AdapterConfig(kind=kind, num_experts=4, top_k=2, rank=4, alpha=8.0), seed=seed
-    )
+    cfg = AdapterConfig(kind=kind, num_experts=4, top_k=2, rank=4, alpha=8.0, **router_kw)
+    attach_adapter(model, cfg, seed=seed)
     rng = np.random.default_rng(seed)
     for _, _, lin in iter_linears(model, model.adapter_config.targets):
         lin.lora.b.set_value(jnp.asarray(rng.normal(0, 0.2, lin.lora.b[...].shape), jnp.float32))
@@ -84,7 +83,8 @@ def _random_bank(ckpt: Path, name: str, kind: str, seed: int) -> None:
 @functools.cache
 def tiny_checkpoint() -> Path:
     """A tiny Llama checkpoint with a tokenizer and stored adapters a1 (r2), a2 (r4, q/v
-    only), a3 (r4), sw (LoRA-Switch, 4 experts, top-2) and mo (MoLA, 4 experts, top-2);
+    only), a3 (r4), sw (LoRA-Switch, 4 experts, top-2) and mo (MoLA, 4 experts, top-2),
+    both with a router temperature and unit-RMS router input;
     built once per test process."""
     root = Path(tempfile.mkdtemp(prefix="lsw-serve-"))
     cfg = ModelConfig.tiny(vocab_size=VOCAB, eos_token_id=EOS_ID, max_position_embeddings=128)
@@ -95,8 +95,9 @@ def tiny_checkpoint() -> Path:
     _random_lora(ckpt, "a1", 2, 1)
     _random_lora(ckpt, "a2", 4, 2, targets=("q_proj", "v_proj"))
     _random_lora(ckpt, "a3", 4, 3)
-    _random_bank(ckpt, "sw", "switch", 4)
-    _random_bank(ckpt, "mo", "mola", 5)
+    # Router settings other than the defaults, which serving must honour.
+    _random_bank(ckpt, "sw", "switch", 4, router_temperature=0.5, router_normalize_input=True)
+    _random_bank(ckpt, "mo", "mola", 5, router_temperature=2.0, router_normalize_input=True)
     return ckpt
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import concurrent.futures
 
 import httpx
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_serve_fixtures import (
+    host_adapter,
     make_engine,
     make_tokenizer,
     prompts,
@@ -18,6 +20,7 @@ from test_serve_fixtures import (
 )
 from test_serve_server import serving
 
+from lsw_jax.adapters.lora import RouterTables, RowRouter
 from lsw_jax.sampling import SamplingParams
 from lsw_jax.serve.adapter_pool import read_adapter
 from lsw_jax.serve.engine import Request
@@ -47,6 +50,29 @@ def test_fixture_adapters_really_switch_experts():
     p = prompts(1, 40)[0]
     assert _routing_changes("sw", p, N) > 1
     assert _routing_changes("mo", p, N) > 1
+
+
+def test_pool_routes_like_the_adapters_own_routers():
+    """The pool's per-row router gives the experts and gates of the adapter's own routers,
+    temperature and unit-RMS input included (the fixtures set both)."""
+    h = np.random.default_rng(7).normal(0, 3.0, (1, 9, reference_model("sw").cfg.hidden_size))
+    h = jnp.asarray(h, jnp.float32)
+    for name, base in (("sw", 2), ("mo", 5)):
+        host = host_adapter(name)
+        model = reference_model(name)
+        tables = RouterTables.empty(10, 4, h.shape[-1]).with_layer_routers(model.cfg.num_layers)
+        tables = tables.with_adapter(
+            base, host.kind, 4, 2, host.router, host.layer_routers, host.normalize_input
+        )
+        row_router = RowRouter(tables, jnp.asarray([base], jnp.int32), k_max=2)
+        pairs = [(row_router.pre_gate(h), model.router)] if name == "sw" else []
+        pre = row_router.pre_gate(h)
+        for i, layer in enumerate(model.layers if name == "mo" else []):
+            pairs.append((row_router.layer(i, h, pre), layer.router))
+        for got, router in pairs:
+            want = router(h)
+            np.testing.assert_array_equal(got.expert_ids - base, want.expert_ids)
+            np.testing.assert_allclose(got.gates, want.gates, rtol=1e-5, atol=1e-6)
 
 
 def test_mixed_kinds_in_one_batch_equal_each_row_alone():

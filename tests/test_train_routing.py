@@ -17,6 +17,7 @@ from lsw_jax.adapters.lora import (
     Router,
     _dense_lora_delta,
     attach_adapter,
+    causal_mean,
     dense_lora_delta,
     iter_linears,
     learned_routings,
@@ -26,6 +27,7 @@ from lsw_jax.config import AdapterConfig, ModelConfig
 from lsw_jax.data import PackedDataset, concat_datasets
 from lsw_jax.evaluate import evaluate_domains, mutual_information, routing_summary
 from lsw_jax.linears import ALL_TARGETS, LINEAR_BY_NAME
+from lsw_jax.serve.adapter_pool import read_adapter
 from lsw_jax.train import TrainConfig, lm_loss, make_optimizer, make_train_step, token_nll
 
 
@@ -280,3 +282,59 @@ def test_train_config_router_lr_validated():
         TrainConfig(ckpt="x", data=(), out_dir="o", router_lr=-1.0)
     cfg = TrainConfig(ckpt="x", data=(), out_dir="o", router_lr=3e-3)
     assert TrainConfig.from_dict(cfg.to_dict()) == dataclasses.replace(cfg)
+
+
+def test_causal_mean_router_input_against_a_loop():
+    """``prefix_mean``: each token's router input is the mean over its document's real
+    tokens so far (packed segments, padding, a row that starts with padding)."""
+    rng = np.random.default_rng(4)
+    h = rng.normal(size=(3, 9, 5))
+    seg = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 3], [1] * 6 + [0] * 3, [0, 0] + [1] * 7])
+    mask = seg > 0
+    want = np.zeros_like(h)
+    for b in range(3):
+        for t in range(9):
+            s = [u for u in range(t + 1) if mask[b, u] and seg[b, u] == seg[b, t]]
+            want[b, t] = h[b, s].mean(0) if s else 0.0
+    got = causal_mean(jnp.asarray(h, jnp.float32), jnp.asarray(mask), jnp.asarray(seg))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Without segments the whole row is one document.
+    whole = np.cumsum(h, 1) / np.arange(1, 10)[None, :, None]
+    got = causal_mean(jnp.asarray(h, jnp.float32), None, None)
+    np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_mean_router_trains_scores_and_refuses_a_kv_cache(tmp_path):
+    cfg = AdapterConfig(
+        kind="switch", num_experts=4, rank=2, router_context="prefix_mean", router_init_std=1.0
+    )
+    with pytest.raises(ValueError, match="router_context"):
+        AdapterConfig(kind="mola", router_context="prefix_mean")
+    with pytest.raises(ValueError, match="router_context"):
+        AdapterConfig(router_context="suffix")
+    model = lsw_jax.init_model(ModelConfig.tiny(), dtype="float32")
+    attach_adapter(model, cfg, seed=2)
+    save_adapter(model, tmp_path, "ctx")
+    other = lsw_jax.init_model(ModelConfig.tiny(), dtype="float32")
+    load_adapter(other, tmp_path, "ctx")
+    assert other.router.context == "prefix_mean"
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 128, (2, 7)), jnp.int32)
+    h0 = model.layers[0].input_layernorm(model.embed(ids))
+    want = model.router.weight[...] @ jnp.asarray(causal_mean(h0, None, None))[..., None]
+    out = other.forward(ids)
+    np.testing.assert_allclose(out.routing.logits, want[..., 0], rtol=1e-5, atol=1e-5)
+    # The first token routes on itself alone; later tokens on their prefix.
+    own = (model.router.weight[...] @ h0[..., None])[..., 0]
+    np.testing.assert_allclose(out.routing.logits[:, 0], own[:, 0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out.routing.logits[:, 1:], own[:, 1:], atol=1e-3)
+    loss, _ = lm_loss(model, jax.tree.map(lambda x: x[0], _tiny_batch(128)), cfg)
+    assert np.isfinite(float(loss))
+    grads = nnx.grad(lambda m: lm_loss(m, jax.tree.map(lambda x: x[0], _tiny_batch(128)), cfg)[0])
+    g = grads(model).to_pure_dict()["router"]["weight"]
+    assert np.abs(np.asarray(g)).max() > 0
+    with pytest.raises(ValueError, match="router_context='prefix_mean'"):
+        lsw_jax.generate(model, ids, 2)
+    with pytest.raises(ValueError, match="without their context"):
+        model.route(ids)
+    with pytest.raises(ValueError, match="'ctx'.*cannot be served"):
+        read_adapter(model.cfg, "ctx", "ctx", tmp_path)

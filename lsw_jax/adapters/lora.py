@@ -64,12 +64,17 @@ def top_k_routing(logits: Array, top_k: int) -> Routing:
     return Routing(top_i.astype(jnp.int32), gates, logits)
 
 
+ROUTER_CONTEXTS = ("token", "prefix_mean")
+
+
 class Router(nnx.Module):
     """``logits[b, t, e] = sum_d h[b, t, d] * weight[e, d] / temperature``, then top-k gating.
 
     weight [E, D] starts as N(0, init_std^2). The temperature divides the logits that the
-    softmax, the top-k and the auxiliary losses all see. With ``normalize_input``, h is
-    first rescaled per token to unit RMS (``h / sqrt(mean_d h^2 + 1e-6)``).
+    softmax, the top-k and the auxiliary losses all see. With ``context="prefix_mean"`` h
+    is first replaced by its mean over the row's real tokens up to and including t (within
+    t's own document of a packed row): ``causal_mean``. With ``normalize_input``, h is then
+    rescaled per token to unit RMS (``h / sqrt(mean_d h^2 + 1e-6)``).
     """
 
     def __init__(
@@ -81,26 +86,61 @@ class Router(nnx.Module):
         init_std: float = 0.02,
         temperature: float = 1.0,
         normalize_input: bool = False,
+        context: str = "token",
         rngs: nnx.Rngs,
     ):
+        if context not in ROUTER_CONTEXTS:
+            raise ValueError(f"router context {context!r} must be one of {ROUTER_CONTEXTS}")
         self.top_k = top_k
         self.temperature = float(temperature)
         self.normalize_input = bool(normalize_input)
+        self.context = context
         w = init_std * jax.random.normal(rngs.params(), (num_experts, dim), jnp.float32)
         self.weight = RouterParam(w, logical_axes=("experts", "embed"))
 
-    def __call__(self, h: Array) -> Routing:
+    def __call__(
+        self, h: Array, token_mask: Array | None = None, segment_ids: Array | None = None
+    ) -> Routing:
+        """h [B, T, D]; token_mask [B, T] real tokens and segment_ids [B, T] documents of a
+        packed row (both used by ``context="prefix_mean"`` only)."""
         h = h.astype(jnp.float32)
+        if self.context == "prefix_mean":
+            h = causal_mean(h, token_mask, segment_ids)
         if self.normalize_input:
-            h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6)
+            h = unit_rms(h)
         logits = jnp.einsum("btd,ed->bte", h, self.weight[...].astype(jnp.float32))
         return top_k_routing(logits / self.temperature, self.top_k)
+
+
+def causal_mean(h: Array, token_mask: Array | None, segment_ids: Array | None) -> Array:
+    """``out[b, t] = mean of h[b, s]`` over real tokens s <= t of t's document (a packed row's
+    segment; the whole row without segment_ids). Padding neither counts nor moves the mean;
+    a position with no real token so far gets 0."""
+    b, t, _ = h.shape
+    m = jnp.ones((b, t), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    hm = h * m[..., None]
+    total, count = jnp.cumsum(hm, axis=1), jnp.cumsum(m, axis=1)
+    if segment_ids is not None:  # subtract what came before each document's first token
+        pos = jnp.arange(t)[None, :]
+        starts = jnp.concatenate(
+            [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+        )
+        first = jax.lax.cummax(jnp.where(starts, pos, 0), axis=1)  # [B, T]
+        before = jnp.take_along_axis(total - hm, first[..., None], axis=1)
+        total = total - before
+        count = count - jnp.take_along_axis(count - m, first, axis=1)
+    return total / jnp.maximum(count, 1.0)[..., None]
+
+
+def unit_rms(h: Array) -> Array:
+    """Each token's router input rescaled to unit RMS (``router_normalize_input``)."""
+    return h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6)
 
 
 class FixedRouter(nnx.Module):
     """Plain LoRA: every token uses expert 0 with gate 1."""
 
-    def __call__(self, h: Array) -> Routing:
+    def __call__(self, h: Array, token_mask: Array | None = None, segment_ids=None) -> Routing:
         b, t = h.shape[:2]
         return Routing(jnp.zeros((b, t, 1), jnp.int32), jnp.ones((b, t, 1), jnp.float32))
 
@@ -115,19 +155,23 @@ class RouterTables:
 
     switch_w: [S, E_max, D] pre-gated router of the adapter based at slot s (zeros for a
         plain LoRA: one expert, gate 1); layer_w: [L, S, E_max, D] per-layer routers (MoLA),
-        or None while the pool holds no MoLA adapter; num_experts, top_k, kind: [S] int32.
+        or None while the pool holds no MoLA adapter; num_experts, top_k, kind: [S] int32;
+        normalize: [S] bool, the adapter's ``router_normalize_input``. A router's
+        temperature is folded into its weights (logits are linear in them).
     """
 
     switch_w: Array
     num_experts: Array
     top_k: Array
     kind: Array
+    normalize: Array
     layer_w: Array | None = None
 
     @classmethod
     def empty(cls, slots: int, max_experts: int, dim: int) -> RouterTables:
         ones = jnp.ones((slots,), jnp.int32)
-        return cls(jnp.zeros((slots, max_experts, dim), jnp.float32), ones, ones, 0 * ones)
+        w = jnp.zeros((slots, max_experts, dim), jnp.float32)
+        return cls(w, ones, ones, 0 * ones, jnp.zeros((slots,), bool))
 
     def with_layer_routers(self, num_layers: int) -> RouterTables:
         w = jnp.zeros((num_layers,) + self.switch_w.shape, jnp.float32)
@@ -139,8 +183,9 @@ class RouterTables:
         kind: str,
         num_experts: int,
         top_k: int,
-        router: Any = None,  # [E, D] (switch)
-        layer_routers: Any = None,  # [L, E, D] (mola)
+        router: Any = None,  # [E, D] (switch), temperature folded in
+        layer_routers: Any = None,  # [L, E, D] (mola), temperature folded in
+        normalize_input: bool = False,
     ) -> RouterTables:
         """The tables with an adapter based at slot ``base`` (host -> device copy)."""
         e_max, d = self.switch_w.shape[1:]
@@ -158,6 +203,7 @@ class RouterTables:
             self.num_experts.at[base].set(num_experts),
             self.top_k.at[base].set(top_k),
             self.kind.at[base].set(KIND_CODES[kind]),
+            self.normalize.at[base].set(normalize_input),
             layer_w,
         )
 
@@ -197,7 +243,9 @@ class RowRouter:
         """w [S, E_max, D] router table, h [B, T, D] -> per-row Routing [B, T, k_max]."""
         t = self.tables
         slot = jnp.maximum(self.rows, 0)
-        logits = jnp.einsum("btd,bed->bte", h.astype(jnp.float32), w[slot])
+        h = h.astype(jnp.float32)
+        h = jnp.where(t.normalize[slot][:, None, None], unit_rms(h), h)
+        logits = jnp.einsum("btd,bed->bte", h, w[slot])
         ids, gates = _row_top_k(logits, t.num_experts[slot], t.top_k[slot], self.k_max)
         gates = jnp.where((self.rows >= 0)[:, None, None], gates, 0.0)
         return Routing(ids + slot[:, None, None], gates, None)
@@ -411,7 +459,9 @@ def attach_adapter(
     if cfg.kind == "lora":
         model.router = FixedRouter()
     elif cfg.kind == "switch":
-        model.router = Router(d, cfg.num_experts, cfg.top_k, **router_kw)
+        model.router = Router(
+            d, cfg.num_experts, cfg.top_k, context=cfg.router_context, **router_kw
+        )
     else:
         for layer in model.layers:
             layer.router = Router(d, cfg.num_experts, cfg.top_k, **router_kw)

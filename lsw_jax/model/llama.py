@@ -243,7 +243,14 @@ class LlamaModel(nnx.Module):
         if row_router is not None:  # every row its own pooled adapter (serving engine)
             routing = row_router.pre_gate(self.layers[0].input_layernorm(x))
         elif routing is None and self.router is not None:
-            routing = self.router(self.layers[0].input_layernorm(x))
+            if cache is not None and getattr(self.router, "context", "token") != "token":
+                raise ValueError(
+                    f"the adapter's router_context={self.router.context!r} routes on all earlier "
+                    "tokens, which a forward with a KV cache does not carry yet: use a "
+                    "cache-free forward (training, evaluation) or router_context='token'"
+                )
+            h0 = self.layers[0].input_layernorm(x)
+            routing = self.router(h0, token_mask, segment_ids)
 
         if cache is None:
             index = jnp.zeros((), jnp.int32)
@@ -314,6 +321,11 @@ class LlamaModel(nnx.Module):
         layer's normalised input, once per token, before any layer runs."""
         if self.router is None:
             raise ValueError("the model has no pre-gated router (no switch/lora adapter)")
+        if getattr(self.router, "context", "token") != "token":
+            raise ValueError(
+                f"route() sees tokens without their context; the adapter's router_context="
+                f"{self.router.context!r} needs the whole document (use forward)"
+            )
         return self.router(self.layers[0].input_layernorm(self.embed(input_ids)))
 
     def logits(self, h: Array) -> Array:

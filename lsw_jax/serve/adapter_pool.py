@@ -53,7 +53,9 @@ class HostAdapter:
     """One adapter in host memory, each expert's scale folded into its B.
 
     banks: ``(layer, part) -> (A [E, r, in], scale * B [E, out, r])`` float32.
-    router: ``[E, hidden]`` (switch) or None; layer_routers: ``[L, E, hidden]`` (mola) or None.
+    router: ``[E, hidden]`` (switch) or None; layer_routers: ``[L, E, hidden]`` (mola) or None;
+    both divided by the adapter's router temperature. normalize_input: the routers read
+    their input at unit RMS (``AdapterConfig.router_normalize_input``).
     """
 
     name: str
@@ -64,6 +66,7 @@ class HostAdapter:
     banks: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]
     router: np.ndarray | None = None
     layer_routers: np.ndarray | None = None
+    normalize_input: bool = False
 
     @property
     def rank(self) -> int:
@@ -116,6 +119,11 @@ def read_adapter(
     skeleton = nnx.eval_shape(lambda: LlamaModel(cfg, dtype="float32", rngs=nnx.Rngs(0)))
     load_adapter(skeleton, ckpt, str(source))
     acfg = skeleton.adapter_config
+    if acfg.router_context != "token":
+        raise ValueError(
+            f"adapter {source!r}: router_context={acfg.router_context!r} cannot be served yet "
+            "(the engine's KV cache does not carry the router's running mean); only 'token'"
+        )
     banks = {}
     for i, part, view in iter_linears(skeleton, ALL_TARGETS):
         if view.lora is not None:
@@ -123,14 +131,24 @@ def read_adapter(
             a = np.asarray(bank.a[...], np.float32)
             banks[(i, part)] = (a, np.asarray(bank.b[...], np.float32) * bank.scale)
     router = layer_routers = None
+    # Logits are linear in the router weights: dividing them by the temperature is exact.
     if acfg.kind == "switch":
-        router = np.asarray(skeleton.router.weight[...], np.float32)
+        router = np.asarray(skeleton.router.weight[...], np.float32) / acfg.router_temperature
     elif acfg.kind == "mola":
         layer_routers = np.stack(
             [np.asarray(la.router.weight[...], np.float32) for la in skeleton.layers]
         )
+        layer_routers /= acfg.router_temperature
     return HostAdapter(
-        name, str(source), acfg.kind, acfg.num_experts, acfg.top_k, banks, router, layer_routers
+        name,
+        str(source),
+        acfg.kind,
+        acfg.num_experts,
+        acfg.top_k,
+        banks,
+        router,
+        layer_routers,
+        acfg.router_normalize_input,
     )
 
 
@@ -358,7 +376,7 @@ class AdapterPool:
             view.lora.a.set_value(a_out[_key(key)])
             view.lora.b.set_value(b_out[_key(key)])
         self.tables = self.tables.with_adapter(
-            base, host.kind, n, host.top_k, host.router, host.layer_routers
+            base, host.kind, n, host.top_k, host.router, host.layer_routers, host.normalize_input
         )
         self._slot_of[name] = base
         for s in range(base, base + n):
