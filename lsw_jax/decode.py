@@ -76,10 +76,12 @@ def decode_step(
     )
 
 
-def switch_to_first_row(model: Any, weights: MergedWeights, tokens: Array) -> MergedWeights:
+def switch_to_first_row(
+    model: Any, weights: MergedWeights, tokens: Array, cache: KVCache
+) -> MergedWeights:
     """The merged plan of ``generate``: merge row 0's pre-gated selection of ``tokens``
     [B, 1] (all rows share it; ``check_mergeable`` ensures they may)."""
-    routing = model.route(tokens)
+    routing = model.route(tokens, cache)
     return weights.switch(routing.expert_ids[0, 0], routing.gates[0, 0])
 
 
@@ -114,7 +116,7 @@ def _generate_jit(
 ) -> tuple[Array, Array]:
     model = nnx.merge(graphdef, state)
     b, _ = input_ids.shape
-    cache = KVCache.create(model.cfg, b, cache_len, model.dtype)
+    cache = KVCache.create(model.cfg, b, cache_len, model.dtype, model.reads_prefix)
     prefill_weights, weights = prepare_weights(model, plan, impl)
     prefill_plan = Plan.UNMERGED if plan is Plan.MERGED else plan
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
@@ -142,7 +144,7 @@ def _generate_jit(
     def body(carry):
         step, tok, cache, pos, done, tokens, rs, weights = carry
         if plan is Plan.MERGED:
-            weights = switch_to_first_row(model, weights, tok[:, None])
+            weights = switch_to_first_row(model, weights, tok[:, None], cache)
         out = decode_step(model, tok[:, None], pos[:, None], None, cache, plan, weights)
         rs = rs.advance()
         nxt = jnp.where(done, fill, sample_rows(out.logits[:, -1], rs))

@@ -27,6 +27,7 @@ from lsw_jax.config import AdapterConfig, ModelConfig
 from lsw_jax.data import PackedDataset, concat_datasets
 from lsw_jax.evaluate import evaluate_domains, mutual_information, routing_summary
 from lsw_jax.linears import ALL_TARGETS, LINEAR_BY_NAME
+from lsw_jax.model.llama import KVCache
 from lsw_jax.serve.adapter_pool import read_adapter
 from lsw_jax.train import TrainConfig, lm_loss, make_optimizer, make_train_step, token_nll
 
@@ -296,15 +297,21 @@ def test_causal_mean_router_input_against_a_loop():
         for t in range(9):
             s = [u for u in range(t + 1) if mask[b, u] and seg[b, u] == seg[b, t]]
             want[b, t] = h[b, s].mean(0) if s else 0.0
-    got = causal_mean(jnp.asarray(h, jnp.float32), jnp.asarray(mask), jnp.asarray(seg))
+    got, _ = causal_mean(jnp.asarray(h, jnp.float32), jnp.asarray(mask), jnp.asarray(seg))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # Without segments the whole row is one document.
     whole = np.cumsum(h, 1) / np.arange(1, 10)[None, :, None]
-    got = causal_mean(jnp.asarray(h, jnp.float32), None, None)
+    got, _ = causal_mean(jnp.asarray(h, jnp.float32), None, None)
     np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-6)
+    # A KV cache carries (sum, count) from one call to the next: chunks equal the whole.
+    m = jnp.asarray(mask[2:])  # a row that starts with padding
+    _, state = causal_mean(jnp.asarray(h[2:, :4], jnp.float32), m[:, :4], None)
+    rest, _ = causal_mean(jnp.asarray(h[2:, 4:], jnp.float32), m[:, 4:], None, state)
+    full, _ = causal_mean(jnp.asarray(h[2:], jnp.float32), m, None)
+    np.testing.assert_allclose(rest, full[:, 4:], rtol=1e-5, atol=1e-6)
 
 
-def test_prefix_mean_router_trains_scores_and_refuses_a_kv_cache(tmp_path):
+def test_prefix_mean_router_trains_and_needs_a_router_state(tmp_path):
     cfg = AdapterConfig(
         kind="switch", num_experts=4, rank=2, router_context="prefix_mean", router_init_std=1.0
     )
@@ -320,7 +327,7 @@ def test_prefix_mean_router_trains_scores_and_refuses_a_kv_cache(tmp_path):
     assert other.router.context == "prefix_mean"
     ids = jnp.asarray(np.random.default_rng(5).integers(0, 128, (2, 7)), jnp.int32)
     h0 = model.layers[0].input_layernorm(model.embed(ids))
-    want = model.router.weight[...] @ jnp.asarray(causal_mean(h0, None, None))[..., None]
+    want = model.router.weight[...] @ causal_mean(h0, None, None)[0][..., None]
     out = other.forward(ids)
     np.testing.assert_allclose(out.routing.logits, want[..., 0], rtol=1e-5, atol=1e-5)
     # The first token routes on itself alone; later tokens on their prefix.
@@ -332,9 +339,40 @@ def test_prefix_mean_router_trains_scores_and_refuses_a_kv_cache(tmp_path):
     grads = nnx.grad(lambda m: lm_loss(m, jax.tree.map(lambda x: x[0], _tiny_batch(128)), cfg)[0])
     g = grads(model).to_pure_dict()["router"]["weight"]
     assert np.abs(np.asarray(g)).max() > 0
-    with pytest.raises(ValueError, match="router_context='prefix_mean'"):
-        lsw_jax.generate(model, ids, 2)
-    with pytest.raises(ValueError, match="without their context"):
-        model.route(ids)
     with pytest.raises(ValueError, match="'ctx'.*cannot be served"):
         read_adapter(model.cfg, "ctx", "ctx", tmp_path)
+    cache = KVCache.create(model.cfg, 2, 16, jnp.float32)
+    with pytest.raises(ValueError, match="carries no router state"):
+        model.forward(ids, cache=cache)
+
+
+@pytest.mark.parametrize("plan", ["dense", "unmerged", "merged"])
+def test_prefix_mean_router_generates_like_full_forwards(plan):
+    """generate carries the router's running mean in the KV cache: its greedy tokens equal
+    argmax of a cache-free forward over the whole sequence at every step, per row (left
+    padding of the shorter prompt must not count)."""
+    cfg = AdapterConfig(
+        kind="switch", num_experts=4, rank=2, router_context="prefix_mean", router_init_std=1.0
+    )
+    model = lsw_jax.init_model(ModelConfig.tiny(), dtype="float32", seed=6)
+    attach_adapter(model, cfg, seed=4)
+    rng = np.random.default_rng(8)
+    for _, _, lin in iter_linears(model, cfg.targets):
+        lin.lora.b.set_value(jnp.asarray(rng.normal(0, 0.3, lin.lora.b[...].shape), jnp.float32))
+    prompts = [rng.integers(0, 128, n).tolist() for n in ((9, 4) if plan != "merged" else (9,))]
+    n = 6
+    want = []
+    for p in prompts:
+        seq = list(p)
+        for _ in range(n):
+            seq.append(int(np.argmax(model(jnp.asarray([seq], jnp.int32))[0, -1])))
+        want.append(seq[len(p) :])
+    ids = np.zeros((len(prompts), 9), np.int32)
+    mask = np.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, : len(p)], mask[r, : len(p)] = p, 1
+    got = lsw_jax.generate(model, ids, n, attention_mask=mask, eos_token_id=[], plan=plan)
+    assert got.tolist() == want
+    # The routing did change along the way (the test would not see a dropped state otherwise).
+    out = model.forward(jnp.asarray([prompts[0] + want[0]], jnp.int32))
+    assert len({tuple(r) for r in np.asarray(out.routing.expert_ids)[0, 8:]}) > 1

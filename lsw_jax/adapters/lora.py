@@ -103,23 +103,39 @@ class Router(nnx.Module):
     ) -> Routing:
         """h [B, T, D]; token_mask [B, T] real tokens and segment_ids [B, T] documents of a
         packed row (both used by ``context="prefix_mean"`` only)."""
-        h = h.astype(jnp.float32)
         if self.context == "prefix_mean":
-            h = causal_mean(h, token_mask, segment_ids)
+            h = causal_mean(h.astype(jnp.float32), token_mask, segment_ids)[0]
+        return self.route_features(h)
+
+    def route_features(self, h: Array) -> Routing:
+        """Routing of router inputs that already carry their context (``causal_mean``)."""
+        h = h.astype(jnp.float32)
         if self.normalize_input:
             h = unit_rms(h)
         logits = jnp.einsum("btd,ed->bte", h, self.weight[...].astype(jnp.float32))
         return top_k_routing(logits / self.temperature, self.top_k)
 
 
-def causal_mean(h: Array, token_mask: Array | None, segment_ids: Array | None) -> Array:
+def causal_mean(
+    h: Array,
+    token_mask: Array | None,
+    segment_ids: Array | None,
+    start: tuple[Array, Array] | None = None,
+) -> tuple[Array, tuple[Array, Array]]:
     """``out[b, t] = mean of h[b, s]`` over real tokens s <= t of t's document (a packed row's
-    segment; the whole row without segment_ids). Padding neither counts nor moves the mean;
-    a position with no real token so far gets 0."""
+    segment; the whole row without segment_ids), and the running (sum [B, D], count [B])
+    after the last position, which a KV cache carries to the next call as ``start``.
+    Padding neither counts nor moves the mean; a position with no real token so far gets 0.
+    """
     b, t, _ = h.shape
     m = jnp.ones((b, t), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
     hm = h * m[..., None]
     total, count = jnp.cumsum(hm, axis=1), jnp.cumsum(m, axis=1)
+    if start is not None:
+        if segment_ids is not None:
+            raise ValueError("a carried router state continues one document: no segment_ids")
+        total = total + start[0][:, None, :].astype(total.dtype)
+        count = count + start[1][:, None].astype(count.dtype)
     if segment_ids is not None:  # subtract what came before each document's first token
         pos = jnp.arange(t)[None, :]
         starts = jnp.concatenate(
@@ -129,7 +145,7 @@ def causal_mean(h: Array, token_mask: Array | None, segment_ids: Array | None) -
         before = jnp.take_along_axis(total - hm, first[..., None], axis=1)
         total = total - before
         count = count - jnp.take_along_axis(count - m, first, axis=1)
-    return total / jnp.maximum(count, 1.0)[..., None]
+    return total / jnp.maximum(count, 1.0)[..., None], (total[:, -1], count[:, -1])
 
 
 def unit_rms(h: Array) -> Array:

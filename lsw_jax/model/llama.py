@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lsw_jax.adapters.lora import Routing, RowRouter
+from lsw_jax.adapters.lora import Routing, RowRouter, causal_mean
 from lsw_jax.config import ModelConfig
 from lsw_jax.linears import RowLayout
 from lsw_jax.model.attention import cached_attention, dense_attention, slot_mask
@@ -46,21 +46,31 @@ class KVCache:
     index: the next slot to write: ``[]`` int32 when all rows advance together (left-padded
         batches, ``generate``), or ``[B]`` int32 when every row has its own position in its
         own slot (continuous batching in the serving engine).
+    router_state: ``(sum [B, D], count [B])`` float32 of the router inputs so far, for an
+        adapter whose router reads the document so far (``router_context="prefix_mean"``);
+        None otherwise.
     """
 
     k: list[Array]
     v: list[Array]
     valid: Array
     index: Array
+    router_state: tuple[Array, Array] | None = None
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
+    def create(
+        cls, cfg: ModelConfig, batch: int, length: int, dtype: Any, router_state: bool = False
+    ) -> KVCache:
         shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+        state = None
+        if router_state:
+            state = (jnp.zeros((batch, cfg.hidden_size), jnp.float32), jnp.zeros((batch,)))
         return cls(
             k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
             v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
             valid=jnp.zeros((batch, length), bool),
             index=jnp.zeros((), jnp.int32),
+            router_state=state,
         )
 
     @property
@@ -242,15 +252,21 @@ class LlamaModel(nnx.Module):
         row_router = routing if isinstance(routing, RowRouter) else None
         if row_router is not None:  # every row its own pooled adapter (serving engine)
             routing = row_router.pre_gate(self.layers[0].input_layernorm(x))
-        elif routing is None and self.router is not None:
-            if cache is not None and getattr(self.router, "context", "token") != "token":
-                raise ValueError(
-                    f"the adapter's router_context={self.router.context!r} routes on all earlier "
-                    "tokens, which a forward with a KV cache does not carry yet: use a "
-                    "cache-free forward (training, evaluation) or router_context='token'"
-                )
+        router_state = None  # a router that reads the prefix updates it even when given routing
+        if (
+            row_router is None
+            and self.router is not None
+            and (routing is None or self.reads_prefix)
+        ):
             h0 = self.layers[0].input_layernorm(x)
-            routing = self.router(h0, token_mask, segment_ids)
+            if self.reads_prefix:
+                start = None if cache is None else self._router_state(cache)
+                h0, router_state = causal_mean(
+                    h0.astype(jnp.float32), token_mask, segment_ids, start
+                )
+                routing = self.router.route_features(h0) if routing is None else routing
+            else:
+                routing = self.router(h0)
 
         if cache is None:
             index = jnp.zeros((), jnp.int32)
@@ -282,7 +298,7 @@ class LlamaModel(nnx.Module):
                 new_v.append(kv[1])
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(k=new_k, v=new_v, valid=valid, index=index + t)
+            new_cache = KVCache(new_k, new_v, valid, index + t, router_state)
         h = self.norm(x)
         head_in = h if logits_at is None else jnp.take_along_axis(h, logits_at[:, None, None], 1)
         logits = self.logits(head_in)
@@ -316,17 +332,33 @@ class LlamaModel(nnx.Module):
     def embed(self, input_ids: Array) -> Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
-    def route(self, input_ids: Array) -> Routing:
+    @property
+    def reads_prefix(self) -> bool:
+        """The attached router reads the document so far (``router_context="prefix_mean"``)."""
+        return getattr(self.router, "context", "token") == "prefix_mean"
+
+    def _router_state(self, cache: KVCache) -> tuple[Array, Array]:
+        if cache.router_state is None:
+            raise ValueError(
+                "the adapter's router reads the document so far (router_context="
+                "'prefix_mean'), but this KV cache carries no router state: create it with "
+                "KVCache.create(..., router_state=True)"
+            )
+        return cache.router_state
+
+    def route(self, input_ids: Array, cache: KVCache | None = None) -> Routing:
         """The pre-gated routing of tokens [B, T]: LoRA-Switch's router reads the first
-        layer's normalised input, once per token, before any layer runs."""
+        layer's normalised input, once per token, before any layer runs. A router that
+        reads the document so far continues from ``cache``'s router state (the tokens'
+        real-token mask is taken as all ones)."""
         if self.router is None:
             raise ValueError("the model has no pre-gated router (no switch/lora adapter)")
-        if getattr(self.router, "context", "token") != "token":
-            raise ValueError(
-                f"route() sees tokens without their context; the adapter's router_context="
-                f"{self.router.context!r} needs the whole document (use forward)"
-            )
-        return self.router(self.layers[0].input_layernorm(self.embed(input_ids)))
+        h0 = self.layers[0].input_layernorm(self.embed(input_ids))
+        if not self.reads_prefix:
+            return self.router(h0)
+        start = None if cache is None else self._router_state(cache)
+        h0, _ = causal_mean(h0.astype(jnp.float32), None, None, start)
+        return self.router.route_features(h0)
 
     def logits(self, h: Array) -> Array:
         if self.lm_head is None:  # tied: the embedding is the [vocab, hidden] head

@@ -122,7 +122,7 @@ def read_adapter(
     if acfg.router_context != "token":
         raise ValueError(
             f"adapter {source!r}: router_context={acfg.router_context!r} cannot be served yet "
-            "(the engine's KV cache does not carry the router's running mean); only 'token'"
+            "(the engine's cache rows do not carry the router's running mean); only 'token'"
         )
     banks = {}
     for i, part, view in iter_linears(skeleton, ALL_TARGETS):
