@@ -168,6 +168,42 @@ def time_rows(runners: list[tuple[str, Callable[[int], None]]], steps: int, repe
     return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in wall}
 
 
+# ----------------------------------------------------------------------------- roofline
+
+
+def step_flops(cfg, batch: int, seq_len: int) -> float:
+    """FLOPs of one training step on a frozen backbone, the same work for every row here:
+    the forward (every linear and the vocabulary head: 2 FLOPs per weight per token;
+    attention scores and values: 4 * T^2 * q_dim per layer and row, causal halves
+    ignored) and the backward's input gradients (the same products again, attention
+    twice). No weight gradients: the backbone is frozen; LoRA's rank-32 products add < 1%.
+    """
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    layer_weights = d * (q + 2 * kv) + q * d + 3 * d * f
+    tokens = batch * seq_len
+    linear = 2 * tokens * (cfg.num_layers * layer_weights + cfg.vocab_size * d)
+    attention = cfg.num_layers * batch * 4 * seq_len * seq_len * q
+    return 2 * linear + 3 * attention
+
+
+def gemm_rate(tokens: int, d: int, f: int, repeats: int = 5) -> float:
+    """FLOP/s of one fp32 ``[tokens, d] @ [d, f]`` product through XLA on this CPU (the
+    backbone's MLP shape): the practical ceiling of a GEMM-bound training step."""
+    x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(tokens, d)), np.float32)
+    w = jax.numpy.asarray(np.random.default_rng(1).normal(size=(d, f)), np.float32)
+    dot = jax.jit(lambda x, w: x @ w)
+    dot(x, w).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            out = dot(x, w)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / 10)
+    return 2 * tokens * d * f / best
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -184,15 +220,25 @@ def write_outputs(rows: list[dict], env: dict, extra: dict, out_dir: Path) -> No
         f"Date: {env['date']}. Command: `{env['command']}`",
         f"Threads: {env['threads']}; load average (1/5/15 min) at start {load0}, at end {load1}",
         "",
-        "| implementation | batch x seq | s/step | tokens/s | vs PEFT LoRA | CPU s/step |",
-        "|---|---|---:|---:|---:|---:|",
+        "| implementation | batch x seq | s/step | tokens/s | vs PEFT LoRA | CPU s/step "
+        "| GFLOP/s | of GEMM rate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = f"{r['vs_peft']:.2f}x" if "vs_peft" in r else ""
         lines.append(
             f"| {r['impl']} | {r['batch']}x{r['seq_len']} | {r['s_per_step']:.2f} | "
-            f"{r['tokens_per_s']:.0f} | {ratio} | {r['cpu_s_per_step']:.2f} |"
+            f"{r['tokens_per_s']:.0f} | {ratio} | {r['cpu_s_per_step']:.2f} | "
+            f"{r['gflop_per_s']:.0f} | {r['of_gemm_rate']:.2f} |"
         )
+    lines.append("")
+    lines.append(
+        "GFLOP/s: the step's FLOPs (`step_flops`: forward plus input gradients of a frozen "
+        "backbone) per second; GEMM rate: one fp32 XLA product of the step's MLP shape "
+        "measured in the same run, "
+        + ", ".join(f"{k}: {v / 1e9:.0f} GFLOP/s" for k, v in extra["gemm_rate"].items())
+        + "."
+    )
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(rows, f"{stem}.png", env)
@@ -246,7 +292,7 @@ def main() -> None:
         torch.set_num_threads(THREADS)
     model = load_ours("smollm2", "float32")
     kinds = args.kinds.split(",")
-    rows = []
+    rows, gemm = [], {}
     with tempfile.TemporaryDirectory() as work:
         for shape in args.shapes.split(","):
             batch, seq_len = (int(x) for x in shape.split("x"))
@@ -265,8 +311,11 @@ def main() -> None:
                 run, infos[name] = ours_stepper(model, ad, tokens, batch, work)
                 runners.append((name, run))
             print(f"{shape}: warm; timing {[n for n, _ in runners]}", flush=True)
+            cfg = model.cfg
+            gemm[shape] = gemm_rate(batch * seq_len, cfg.hidden_size, cfg.intermediate_size)
             times = time_rows(runners, args.steps, args.repeats)
             peft_s = times.get("PEFT LoRA", (None,))[0]
+            flops = step_flops(cfg, batch, seq_len)
             for name, (sec, cpu) in times.items():
                 row = {
                     "impl": name,
@@ -275,6 +324,9 @@ def main() -> None:
                     "s_per_step": sec,
                     "cpu_s_per_step": cpu,
                     "tokens_per_s": batch * seq_len / sec,
+                    "step_flops": flops,
+                    "gflop_per_s": flops / sec / 1e9,
+                    "of_gemm_rate": flops / sec / gemm[shape],
                     **infos[name],
                 }
                 if peft_s is not None:
@@ -290,6 +342,7 @@ def main() -> None:
         "top_k": args.top_k,
         "lr": LR,
         "jax_backend": jax.default_backend(),
+        "gemm_rate": gemm,
     }
     write_outputs(rows, env, extra, Path(args.out_dir))
 
