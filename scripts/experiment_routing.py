@@ -511,7 +511,7 @@ def markdown(res: dict) -> str:
         lines.append(row)
     lines += [
         "",
-        f"I(domain; expert) is at most log(min(D, E)) = log({len(names)}, E); "
+        f"I(domain; expert) is at most log(min(D, E)), D = {len(names)} domains; "
         "init = the same routers before training (a random projection of the input).",
     ]
     return "\n".join(lines) + "\n"
