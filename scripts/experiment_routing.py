@@ -643,8 +643,10 @@ def write_results(res: dict, out: pathlib.Path, prefix: str) -> None:
     res["summary"] = summarize(res["runs"], names)
     labels = list(res["summary"])
     res["gaps"] = {}
+    # The first switch run is the reference its variants (k, E, router context) are paired with.
+    main_switch = next((x for x in labels if x.startswith("switch")), None)
     for a, b in [(x, y) for x in labels for y in labels if x != y]:
-        if a.startswith("switch") and (b.startswith("mola") or b == "lora"):
+        if a.startswith("switch") and (b.startswith("mola") or b in ("lora", main_switch)):
             gap = paired_gaps(res["runs"], a, b)
             if gap is not None:
                 res["gaps"][f"{a} vs {b}"] = gap
