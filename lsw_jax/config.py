@@ -265,8 +265,8 @@ class AdapterConfig:
     ``router_z_loss_coef`` times the ST-MoE z-loss. ``router_context`` (switch only):
     ``token`` routes each token on its own layer-0 input (LoRA-Switch); ``prefix_mean`` on
     the mean of that input over the document so far, which the router still knows before
-    any layer runs (``generate``'s KV cache carries the running mean; the serving engine
-    refuses such adapters: its cache rows do not carry it yet).
+    any layer runs (the KV caches of ``generate`` and of the serving engine carry the
+    running mean from step to step).
     """
 
     kind: str = "switch"

@@ -84,7 +84,8 @@ def _random_bank(ckpt: Path, name: str, kind: str, seed: int, **router_kw) -> No
 def tiny_checkpoint() -> Path:
     """A tiny Llama checkpoint with a tokenizer and stored adapters a1 (r2), a2 (r4, q/v
     only), a3 (r4), sw (LoRA-Switch, 4 experts, top-2) and mo (MoLA, 4 experts, top-2),
-    both with a router temperature and unit-RMS router input;
+    both with a router temperature and unit-RMS router input, and swc (LoRA-Switch whose
+    router reads the document so far);
     built once per test process."""
     root = Path(tempfile.mkdtemp(prefix="lsw-serve-"))
     cfg = ModelConfig.tiny(vocab_size=VOCAB, eos_token_id=EOS_ID, max_position_embeddings=128)
@@ -98,6 +99,7 @@ def tiny_checkpoint() -> Path:
     # Router settings other than the defaults, which serving must honour.
     _random_bank(ckpt, "sw", "switch", 4, router_temperature=0.5, router_normalize_input=True)
     _random_bank(ckpt, "mo", "mola", 5, router_temperature=2.0, router_normalize_input=True)
+    _random_bank(ckpt, "swc", "switch", 6, router_context="prefix_mean")
     return ckpt
 
 

@@ -20,15 +20,15 @@ from test_serve_fixtures import (
 )
 from test_serve_server import serving
 
-from lsw_jax.adapters.lora import RouterTables, RowRouter
+from lsw_jax.adapters.lora import RouterTables, RowRouter, causal_mean
 from lsw_jax.sampling import SamplingParams
 from lsw_jax.serve.adapter_pool import read_adapter
 from lsw_jax.serve.engine import Request
 
-KINDS = {None: "base", "a1": "lora", "sw": "switch", "mo": "mola"}
+KINDS = {None: "base", "a1": "lora", "sw": "switch", "mo": "mola", "swc": "switch"}
 N = 10
 KINDS_ENGINE = dict(
-    adapters=("a1", "sw", "mo"), pool_slots=10, max_experts=4, slots=4, policy="unmerged"
+    adapters=("a1", "sw", "mo", "swc"), pool_slots=14, max_experts=4, slots=5, policy="unmerged"
 )
 
 
@@ -48,8 +48,8 @@ def _routing_changes(adapter: str, prompt: list[int], n: int) -> int:
 
 def test_fixture_adapters_really_switch_experts():
     p = prompts(1, 40)[0]
-    assert _routing_changes("sw", p, N) > 1
-    assert _routing_changes("mo", p, N) > 1
+    for name in ("sw", "mo", "swc"):
+        assert _routing_changes(name, p, N) > 1, name
 
 
 def test_pool_routes_like_the_adapters_own_routers():
@@ -57,15 +57,23 @@ def test_pool_routes_like_the_adapters_own_routers():
     temperature and unit-RMS input included (the fixtures set both)."""
     h = np.random.default_rng(7).normal(0, 3.0, (1, 9, reference_model("sw").cfg.hidden_size))
     h = jnp.asarray(h, jnp.float32)
-    for name, base in (("sw", 2), ("mo", 5)):
+    for name, base in (("sw", 2), ("mo", 5), ("swc", 1)):
         host = host_adapter(name)
         model = reference_model(name)
         tables = RouterTables.empty(10, 4, h.shape[-1]).with_layer_routers(model.cfg.num_layers)
         tables = tables.with_adapter(
-            base, host.kind, 4, 2, host.router, host.layer_routers, host.normalize_input
+            base,
+            host.kind,
+            4,
+            2,
+            host.router,
+            host.layer_routers,
+            host.normalize_input,
+            host.router_context,
         )
         row_router = RowRouter(tables, jnp.asarray([base], jnp.int32), k_max=2)
-        pairs = [(row_router.pre_gate(h), model.router)] if name == "sw" else []
+        h_prefix = causal_mean(h, None, None)[0]
+        pairs = [(row_router.pre_gate(h, h_prefix), model.router)] if name != "mo" else []
         pre = row_router.pre_gate(h)
         for i, layer in enumerate(model.layers if name == "mo" else []):
             pairs.append((row_router.layer(i, h, pre), layer.router))
@@ -76,16 +84,17 @@ def test_pool_routes_like_the_adapters_own_routers():
 
 
 def test_mixed_kinds_in_one_batch_equal_each_row_alone():
-    """One batch holds a base, a plain-LoRA, a LoRA-Switch and a MoLA row; each equals the
-    same request run alone and generate() with its adapter."""
-    ps = prompts(4, 41)
+    """One batch holds a base, a plain-LoRA, a LoRA-Switch, a MoLA and a prefix-routed
+    LoRA-Switch row; each equals the same request run alone and generate() with its
+    adapter (the last one: the cache rows carry its router's running mean)."""
+    ps = prompts(5, 41)
     eng = make_engine(**KINDS_ENGINE)
     reqs = [
         eng.submit(Request(p, SamplingParams(max_tokens=N, ignore_eos=True), adapter=a))
         for p, a in zip(ps, KINDS, strict=True)
     ]
     plan = eng.step()
-    assert {r.adapter for r in plan.run} == set(KINDS)  # all four kinds in one step
+    assert {r.adapter for r in plan.run} == set(KINDS)  # all kinds in one step
     eng.run_until_idle()
     for r in reqs:
         alone = make_engine(**KINDS_ENGINE)
@@ -98,7 +107,7 @@ def test_mixed_kinds_in_one_batch_equal_each_row_alone():
 
 
 def test_server_serves_every_kind_concurrently_like_generate():
-    ps = prompts(4, 42)
+    ps = prompts(5, 42)
     with serving(**KINDS_ENGINE) as (url, _):
         models = httpx.get(url + "/v1/models", timeout=30).json()["data"]
         assert {m["id"]: m.get("kind") for m in models} == {
@@ -106,6 +115,7 @@ def test_server_serves_every_kind_concurrently_like_generate():
             "a1": "lora",
             "sw": "switch",
             "mo": "mola",
+            "swc": "switch",
         }
 
         def ask(prompt, adapter):
@@ -120,7 +130,7 @@ def test_server_serves_every_kind_concurrently_like_generate():
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]
 
-        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        with concurrent.futures.ThreadPoolExecutor(5) as ex:
             futs = {a: ex.submit(ask, p, a) for p, a in zip(ps, KINDS, strict=True)}
         for (adapter, fut), p in zip(futs.items(), ps, strict=True):
             choice = fut.result()

@@ -172,7 +172,8 @@ class RouterTables:
     switch_w: [S, E_max, D] pre-gated router of the adapter based at slot s (zeros for a
         plain LoRA: one expert, gate 1); layer_w: [L, S, E_max, D] per-layer routers (MoLA),
         or None while the pool holds no MoLA adapter; num_experts, top_k, kind: [S] int32;
-        normalize: [S] bool, the adapter's ``router_normalize_input``. A router's
+        normalize: [S] bool, the adapter's ``router_normalize_input``; prefix: [S] bool, its
+        router reads the document so far (``router_context="prefix_mean"``). A router's
         temperature is folded into its weights (logits are linear in them).
     """
 
@@ -181,13 +182,15 @@ class RouterTables:
     top_k: Array
     kind: Array
     normalize: Array
+    prefix: Array
     layer_w: Array | None = None
 
     @classmethod
     def empty(cls, slots: int, max_experts: int, dim: int) -> RouterTables:
         ones = jnp.ones((slots,), jnp.int32)
         w = jnp.zeros((slots, max_experts, dim), jnp.float32)
-        return cls(w, ones, ones, 0 * ones, jnp.zeros((slots,), bool))
+        no = jnp.zeros((slots,), bool)
+        return cls(w, ones, ones, 0 * ones, no, no)
 
     def with_layer_routers(self, num_layers: int) -> RouterTables:
         w = jnp.zeros((num_layers,) + self.switch_w.shape, jnp.float32)
@@ -202,6 +205,7 @@ class RouterTables:
         router: Any = None,  # [E, D] (switch), temperature folded in
         layer_routers: Any = None,  # [L, E, D] (mola), temperature folded in
         normalize_input: bool = False,
+        router_context: str = "token",
     ) -> RouterTables:
         """The tables with an adapter based at slot ``base`` (host -> device copy)."""
         e_max, d = self.switch_w.shape[1:]
@@ -220,6 +224,7 @@ class RouterTables:
             self.top_k.at[base].set(top_k),
             self.kind.at[base].set(KIND_CODES[kind]),
             self.normalize.at[base].set(normalize_input),
+            self.prefix.at[base].set(router_context == "prefix_mean"),
             layer_w,
         )
 
@@ -266,8 +271,13 @@ class RowRouter:
         gates = jnp.where((self.rows >= 0)[:, None, None], gates, 0.0)
         return Routing(ids + slot[:, None, None], gates, None)
 
-    def pre_gate(self, h0: Array) -> Routing:
-        """Routing of every row from layer 0's normalised input (MoLA rows: see ``layer``)."""
+    def pre_gate(self, h0: Array, h0_prefix: Array | None = None) -> Routing:
+        """Routing of every row from layer 0's normalised input (MoLA rows: see ``layer``);
+        rows whose router reads the document so far route on ``h0_prefix`` (its causal
+        mean, ``causal_mean``), which the caller gives when any row may need it."""
+        if h0_prefix is not None:
+            reads = self.tables.prefix[jnp.maximum(self.rows, 0)][:, None, None]
+            h0 = jnp.where(reads, h0_prefix, h0.astype(jnp.float32))
         return self._route(self.tables.switch_w, h0)
 
     def layer(self, index: int, normed: Array, pre: Routing) -> Routing:

@@ -250,9 +250,15 @@ class LlamaModel(nnx.Module):
             positions = jnp.maximum(jnp.cumsum(token_mask, axis=1) - 1, 0)
         x = self.embed(input_ids)
         row_router = routing if isinstance(routing, RowRouter) else None
-        if row_router is not None:  # every row its own pooled adapter (serving engine)
-            routing = row_router.pre_gate(self.layers[0].input_layernorm(x))
         router_state = None  # a router that reads the prefix updates it even when given routing
+        if row_router is not None:  # every row its own pooled adapter (serving engine)
+            h0 = self.layers[0].input_layernorm(x)
+            h0_prefix = None
+            if cache is not None and cache.router_state is not None:
+                h0_prefix, router_state = causal_mean(
+                    h0.astype(jnp.float32), token_mask, None, cache.router_state
+                )
+            routing = row_router.pre_gate(h0, h0_prefix)
         if (
             row_router is None
             and self.router is not None

@@ -67,6 +67,7 @@ class HostAdapter:
     router: np.ndarray | None = None
     layer_routers: np.ndarray | None = None
     normalize_input: bool = False
+    router_context: str = "token"  # "prefix_mean": the engine's cache carries its running mean
 
     @property
     def rank(self) -> int:
@@ -119,11 +120,6 @@ def read_adapter(
     skeleton = nnx.eval_shape(lambda: LlamaModel(cfg, dtype="float32", rngs=nnx.Rngs(0)))
     load_adapter(skeleton, ckpt, str(source))
     acfg = skeleton.adapter_config
-    if acfg.router_context != "token":
-        raise ValueError(
-            f"adapter {source!r}: router_context={acfg.router_context!r} cannot be served yet "
-            "(the engine's cache rows do not carry the router's running mean); only 'token'"
-        )
     banks = {}
     for i, part, view in iter_linears(skeleton, ALL_TARGETS):
         if view.lora is not None:
@@ -149,6 +145,7 @@ def read_adapter(
         router,
         layer_routers,
         acfg.router_normalize_input,
+        acfg.router_context,
     )
 
 
@@ -376,7 +373,14 @@ class AdapterPool:
             view.lora.a.set_value(a_out[_key(key)])
             view.lora.b.set_value(b_out[_key(key)])
         self.tables = self.tables.with_adapter(
-            base, host.kind, n, host.top_k, host.router, host.layer_routers, host.normalize_input
+            base,
+            host.kind,
+            n,
+            host.top_k,
+            host.router,
+            host.layer_routers,
+            host.normalize_input,
+            host.router_context,
         )
         self._slot_of[name] = base
         for s in range(base, base + n):

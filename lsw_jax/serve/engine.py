@@ -210,7 +210,10 @@ class Engine:
         self.last_error: BaseException | None = None
 
     def _empty_cache(self) -> KVCache:
-        cache = KVCache.create(self.cfg, self.slots, self.max_len, self.model.dtype)
+        # Every row carries a router state: pooled adapters may route on the prefix.
+        cache = KVCache.create(
+            self.cfg, self.slots, self.max_len, self.model.dtype, router_state=True
+        )
         cache.index = jnp.zeros((self.slots,), jnp.int32)
         return cache
 

@@ -115,7 +115,7 @@ def prefill_insert(
     model = nnx.merge(graphdef, state)
     r, p = ids.shape
     mask = jnp.arange(p)[None, :] < lens[:, None]
-    small = KVCache.create(model.cfg, r, p, cache.k[0].dtype)
+    small = KVCache.create(model.cfg, r, p, cache.k[0].dtype, cache.router_state is not None)
     router = None if tables is None else RowRouter(tables, slots, k_max=k_max)
     plan = Plan.DENSE if tables is None else Plan.UNMERGED
     positions = jnp.broadcast_to(jnp.arange(p)[None], (r, p))
@@ -142,8 +142,14 @@ def prefill_insert(
         for c, x in zip(cache.v, out.cache.v, strict=True)
     ]
     valid = cache.valid.at[rows].set(jnp.pad(mask, ((0, 0), (0, s - p))), mode="drop")
+    state = cache.router_state
+    if state is not None:  # the rows' running router means start over with their prompts
+        state = tuple(
+            c.at[rows].set(x, mode="drop")
+            for c, x in zip(state, out.cache.router_state, strict=True)
+        )
     lp = _logprobs_or_none(last, tok, num_logprobs)
-    return tok, lp, prompt_lp, KVCache(k=k, v=v, valid=valid, index=cache.index)
+    return tok, lp, prompt_lp, KVCache(k, v, valid, cache.index, state)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
