@@ -598,11 +598,11 @@ def plots(res: dict, out: pathlib.Path, prefix: str) -> list[str]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
         for label in first:
             rs = [r for r in res["runs"] if r["label"] == label]
-            steps = [e["step"] for e in rs[0]["evals"]]
-            mi = np.mean([[e["routing"]["mi_layer0"] for e in r["evals"]] for r in rs], axis=0)
-            ent = np.mean(
-                [[np.mean(e["routing"]["entropy_layer0"]) for e in r["evals"]] for r in rs], axis=0
-            )
+            # A resumed run may hold an extra evaluation: plot the steps every seed has.
+            steps = sorted(set.intersection(*({e["step"] for e in r["evals"]} for r in rs)))
+            at = [{e["step"]: e["routing"] for e in r["evals"]} for r in rs]
+            mi = np.mean([[a[s]["mi_layer0"] for s in steps] for a in at], axis=0)
+            ent = np.mean([[np.mean(a[s]["entropy_layer0"]) for s in steps] for a in at], axis=0)
             axes[0].plot(steps, mi, "o-", color=colors[label], label=label)
             axes[1].plot(steps, ent, "o-", color=colors[label], label=label)
         axes[0].set_ylabel("I(domain; expert), layer 0 (nats)")

@@ -152,6 +152,12 @@ def test_tiny_run_writes_results_and_resumes(tmp_path):
     assert std is not None and len(std) == 4
     with pytest.raises(SystemExit, match="another config"):
         mod.main([*argv, "--seeds", "0", "--lr", "0.5"])
+    # A resumed run can hold an extra evaluation; the plots use the steps all seeds have.
+    evals = res2["runs"][1]["evals"]
+    evals.insert(1, {**evals[1], "step": 7})
+    assert (tmp_path / "resumed_routing_evals.png") in map(
+        Path, mod.plots(res2, tmp_path, "resumed")
+    )
 
 
 def test_killed_run_resumes_from_its_last_evaluation(tmp_path, monkeypatch):
