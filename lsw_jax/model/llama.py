@@ -250,7 +250,9 @@ class LlamaModel(nnx.Module):
             positions = jnp.maximum(jnp.cumsum(token_mask, axis=1) - 1, 0)
         x = self.embed(input_ids)
         row_router = routing if isinstance(routing, RowRouter) else None
-        router_state = None  # a router that reads the prefix updates it even when given routing
+        # The running router mean a cache carries: updated below where a router reads it,
+        # passed through unchanged otherwise (a cache keeps one structure step to step).
+        router_state = None if cache is None else cache.router_state
         if row_router is not None:  # every row its own pooled adapter (serving engine)
             h0 = self.layers[0].input_layernorm(x)
             h0_prefix = None
