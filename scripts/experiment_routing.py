@@ -29,7 +29,7 @@ Writes into ``--out-dir``:
 The documented run (docs/experiments.md):
 
     python scripts/experiment_routing.py --seeds 0,1,2 \\
-        --runs lora,mola,switch,switch:k1,switch:e4 --prefix routing_v2
+        --runs lora,mola,switch,switch:ctx,switch:k1,switch:e4 --prefix routing_v2
 """
 
 from __future__ import annotations
