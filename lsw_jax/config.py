@@ -250,6 +250,10 @@ def normalize_targets(targets: Any) -> tuple[str, ...]:
     return tuple(sorted(out, key=ALL_TARGETS.index))
 
 
+# What a LoRA-Switch router reads: the token alone, or the document so far (mean).
+ROUTER_CONTEXTS = ("token", "prefix_mean")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
     """A LoRA expert bank and how tokens are routed to it.
@@ -304,9 +308,9 @@ class AdapterConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.router_temperature <= 0:
             raise ValueError(f"router_temperature={self.router_temperature} must be > 0")
-        if self.router_context not in ("token", "prefix_mean"):
+        if self.router_context not in ROUTER_CONTEXTS:
             raise ValueError(
-                f"router_context={self.router_context!r} must be 'token' or 'prefix_mean'"
+                f"router_context={self.router_context!r} must be one of {ROUTER_CONTEXTS}"
             )
         if self.router_context != "token" and self.kind != "switch":
             raise ValueError(

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lsw_jax.config import AdapterConfig
+from lsw_jax.config import ROUTER_CONTEXTS, AdapterConfig
 from lsw_jax.linears import ALL_TARGETS, LINEAR_BY_NAME, LINEARS
 
 Array = jax.Array
@@ -62,9 +62,6 @@ def top_k_routing(logits: Array, top_k: int) -> Routing:
     top_p, top_i = jax.lax.top_k(probs, top_k)
     gates = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
     return Routing(top_i.astype(jnp.int32), gates, logits)
-
-
-ROUTER_CONTEXTS = ("token", "prefix_mean")
 
 
 class Router(nnx.Module):
