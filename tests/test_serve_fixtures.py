@@ -142,6 +142,14 @@ def reference_model(adapter: str | None):
     return lsw_jax.load_model(tiny_checkpoint(), dtype="float32", adapter=adapter)
 
 
+def full_logprobs(adapter: str | None, ids: list[int]) -> np.ndarray:
+    """``[len(ids), V]`` float64 log-softmax of one full forward of the reference model:
+    row j scores the token after ``ids[: j + 1]``."""
+    logits = np.asarray(reference_model(adapter)(np.asarray([ids])), np.float64)[0]
+    m = logits.max(-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
 def reference_greedy(prompt: list[int], adapter: str | None, n: int) -> list[int]:
     """``lsw_jax.generate`` on a model with the adapter attached (the oracle), no EOS.
 

@@ -56,7 +56,8 @@ TEXTS = [
 WINDOW = 64  # tokens per rolling window: the longer text needs three
 
 
-def _tasks(root):
+def write_tasks(root):
+    """The three lm-eval tasks (lsw_mc, lsw_gen, lsw_ppl) as YAML + JSONL files in ``root``."""
     with open(root / "mc.jsonl", "w") as f:
         for q, choices, a in MC:
             f.write(json.dumps({"question": q, "choices": choices, "answer": a}) + "\n")
@@ -104,7 +105,7 @@ def test_lm_eval_local_completions_equals_hf_backend(smollm2_path, tmp_path, mon
     os.environ.pop("OPENAI_API_KEY", None)
     ckpt = tmp_path / "smol"
     lsw_jax.convert_checkpoint(smollm2_path, ckpt, show_progress=False)
-    _tasks(tmp_path)
+    write_tasks(tmp_path)
     tasks = TaskManager(include_path=str(tmp_path))
 
     server = build_server(ckpt, slots=4, max_len=512, warmup=False, model_id="smol")

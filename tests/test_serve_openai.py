@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib.util
 import json
 import threading
@@ -18,6 +19,7 @@ import pytest
 from test_serve_fixtures import (
     EOS_ID,
     MAX_LEN,
+    full_logprobs,
     make_tokenizer,
     prompts,
     reference_greedy,
@@ -42,12 +44,6 @@ def live():
         yield url, server, client
 
 
-def _full_logprobs(adapter, ids) -> np.ndarray:
-    logits = np.asarray(reference_model(adapter)(np.asarray([ids])), np.float64)[0]
-    m = logits.max(-1, keepdims=True)
-    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-
-
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
@@ -60,7 +56,7 @@ def test_completion_logprobs_legacy_layout_equal_a_full_forward(live):
     assert ch.model_extra["token_ids"] == ids
     lp = ch.logprobs
     assert lp.tokens == [TOK.decode([t], skip_special_tokens=False) for t in ids]
-    ref = _full_logprobs("a1", p + ids)
+    ref = full_logprobs("a1", p + ids)
     for j, t in enumerate(ids):
         assert abs(lp.token_logprobs[j] - ref[len(p) - 1 + j, t]) < 1e-4
         top = lp.top_logprobs[j]
@@ -85,7 +81,7 @@ def test_echo_with_max_tokens_0_is_lm_evals_loglikelihood(live):
         lp = out.choices[0].logprobs
         assert len(lp.tokens) == len(p) + mt and lp.token_logprobs[0] is None
         assert lp.top_logprobs[0] is None
-        ref = _full_logprobs(None, p + out.choices[0].model_extra["token_ids"])
+        ref = full_logprobs(None, p + out.choices[0].model_extra["token_ids"])
         got = lp.token_logprobs[1 : len(p)]
         np.testing.assert_allclose(got, [ref[j, p[j + 1]] for j in range(len(p) - 1)], atol=1e-4)
         assert out.choices[0].text.startswith(TOK.decode(p))
@@ -133,7 +129,7 @@ def test_chat_logprobs_layout_and_content_parts(live):
     want = reference_greedy(ids, "a1", 4)
     ch = out.choices[0]
     assert ch.model_extra["token_ids"] == want
-    ref = _full_logprobs("a1", ids + want)
+    ref = full_logprobs("a1", ids + want)
     for j, item in enumerate(ch.logprobs.content):
         assert item.token == TOK.decode([want[j]])
         assert item.bytes == list(item.token.encode())
@@ -175,6 +171,59 @@ def test_stop_strings_any_number_streamed_equals_whole_and_usage_is_exact(live):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def _usage_per_choice(chunks):
+    """Per choice index: (text streamed so far, usage) at each of its chunks."""
+    seen: dict[int, list] = {}
+    text: dict[int, str] = {}
+    for c in chunks:
+        for ch in c.choices:
+            piece = ch.text if hasattr(ch, "text") else (ch.delta.content or "")
+            text[ch.index] = text.get(ch.index, "") + piece
+            seen.setdefault(ch.index, []).append((text[ch.index], c.usage))
+    return seen
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats_on_every_chunk_as_vllm(live, chat):
+    """``stream_options: {include_usage, continuous_usage_stats}`` (what guidellm sends):
+    every chunk carries its choice's usage so far (that prompt's tokens, the choice's
+    tokens up to it), the last one the whole request's; without ``include_usage`` no
+    chunk carries usage (vLLM's ``should_include_usage``). Oracle: ``generate``'s tokens."""
+    _, _, client = live
+    p = prompts(1, 79)[0]
+    if chat:
+        msgs = [{"role": "user", "content": TOK.decode(p)}]
+        ids = TOK.encode(TOK.apply_chat_template(msgs), add_special_tokens=False)
+        create = functools.partial(client.chat.completions.create, messages=msgs)
+    else:
+        ids = p
+        create = functools.partial(client.completions.create, prompt=p)
+    kw = dict(model="a1", max_tokens=5, n=2, stream=True, **GREEDY)
+    both = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(create(**kw, stream_options=both))
+    want = reference_greedy(ids, "a1", 5)
+    final = chunks[-1]
+    assert final.choices == [] and final.usage.prompt_tokens == len(ids)
+    assert final.usage.completion_tokens == 10 and final.usage.total_tokens == len(ids) + 10
+    per_choice = _usage_per_choice(chunks[:-1])
+    assert sorted(per_choice) == [0, 1]
+    for seen in per_choice.values():
+        counts = [u.completion_tokens for _, u in seen]
+        assert all(u.prompt_tokens == len(ids) for _, u in seen)
+        assert all(u.total_tokens == len(ids) + u.completion_tokens for _, u in seen)
+        assert counts == sorted(counts) and counts[-1] == 5  # the finish chunk: all 5
+        for text, u in seen:  # the count covers every token whose text was sent
+            assert TOK.decode(want[: u.completion_tokens]).startswith(text.strip())
+        assert seen[-1][0].strip() == TOK.decode(want)
+    if chat:  # each choice's role chunk comes before any token
+        assert all(s[0][0] == "" and s[0][1].completion_tokens == 0 for s in per_choice.values())
+    only = {"include_usage": False, "continuous_usage_stats": True}
+    plain = list(create(**kw, stream_options=only))
+    assert all(c.usage is None and c.choices for c in plain)
+    with pytest.raises(openai.BadRequestError, match="'continuous_usage_stats' must be true"):
+        list(create(**kw, stream_options={"include_usage": True, "continuous_usage_stats": 1}))
+
+
 def test_streamed_logprobs_and_n_chunks(live):
     url, _, _ = live
     body = {
@@ -190,7 +239,7 @@ def test_streamed_logprobs_and_n_chunks(live):
         if c["finish_reason"] is None:
             by_index[c["index"]] += c["logprobs"]["token_logprobs"]
     want = reference_greedy(body["prompt"], "a2", 3)
-    ref = _full_logprobs("a2", body["prompt"] + want)
+    ref = full_logprobs("a2", body["prompt"] + want)
     n = len(body["prompt"])
     for got in by_index.values():
         np.testing.assert_allclose(got, [ref[n - 1 + j, t] for j, t in enumerate(want)], atol=1e-4)
@@ -293,6 +342,42 @@ def test_dynamic_adapters_load_serve_and_unload(live):
         client.completions.create(model="lora3", prompt=p, max_tokens=2)
     r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "lora3"}, headers=h)
     assert r.status_code == 404
+
+
+@pytest.mark.parametrize(
+    "route, body, param, needle",
+    [
+        ("load", {"lora_name": "x"}, "lora_path", "'lora_path' is required"),
+        ("load", {"lora_name": "x", "lora_path": None}, "lora_path", "'lora_path' is required"),
+        ("load", {"lora_path": "a3"}, "lora_name", "'lora_name' is required"),
+        ("load", {}, "lora_name", "'lora_name' is required"),
+        ("load", {"lora_name": "x", "lora_path": ""}, "lora_path", "must be a non-empty string"),
+        ("load", {"lora_name": "x", "lora_path": ["a3"]}, "lora_path", "must be a non-empty"),
+        ("load", {"lora_name": 3, "lora_path": "a3"}, "lora_name", "must be a non-empty string"),
+        ("load", {"lora_name": "x", "lora_path": "a3", "load_inplace": "no"}, "load_inplace",
+         "'load_inplace' must be true or false"),
+        ("load", {"lora_name": "a1", "lora_path": "a3", "load_inplace": True}, "lora_name",
+         "'load_inplace' is not supported"),
+        ("unload", {}, "lora_name", "'lora_name' is required"),
+        ("unload", {"lora_int_id": 1}, "lora_name", "'lora_name' is required"),
+        ("unload", {"lora_name": ""}, "lora_name", "must be a non-empty string"),
+        ("unload", {"lora_name": "a1", "lora_int_id": "1"}, "lora_int_id",
+         "'lora_int_id' must be an integer"),
+    ],
+)  # fmt: skip
+def test_adapter_routes_name_the_missing_or_bad_field(live, route, body, param, needle):
+    """vLLM's bodies (``lora_name`` and ``lora_path`` required to load, ``lora_name`` to
+    unload): a 400 whose message and ``param`` name the field at fault, and nothing
+    loaded or unloaded."""
+    url, server, _ = live
+    before = server.engine.pool.names()
+    r = httpx.post(
+        f"{url}/v1/{route}_lora_adapter", json=body, headers={"Authorization": "Bearer k3y"}
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["param"] == param, err
+    assert server.engine.pool.names() == before
 
 
 def test_dynamic_adapter_from_a_peft_folder(live, tmp_path):

@@ -26,7 +26,7 @@ from lsw_jax.serve.server import Server, build_server
 
 
 @contextlib.contextmanager
-def serving(*, api_key=None, step_delay=0.0, before_start=None, **engine_kw):
+def serving(*, api_key=None, step_delay=0.0, before_start=None, model_id="tiny", **engine_kw):
     import uvicorn
 
     eng = make_engine(**engine_kw)
@@ -35,7 +35,7 @@ def serving(*, api_key=None, step_delay=0.0, before_start=None, **engine_kw):
     if step_delay:
         step = eng.step
         eng.step = lambda: (time.sleep(step_delay), step())[1]
-    server = Server(eng, tokenizer=make_tokenizer(), model_id="tiny", api_key=api_key)
+    server = Server(eng, tokenizer=make_tokenizer(), model_id=model_id, api_key=api_key)
     srv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()

@@ -95,6 +95,17 @@ def flag(body: dict, name: str) -> bool:
     return v
 
 
+def required_text(body: dict, name: str) -> str:
+    """``body[name]`` as a non-empty string; a 400 naming the field when it is missing
+    (or null) or is something else."""
+    v = body.get(name)
+    if v is None:
+        raise ApiError(400, f"'{name}' is required", name)
+    if not isinstance(v, str) or not v:
+        raise ApiError(400, f"'{name}' must be a non-empty string", name)
+    return v
+
+
 def token_ids(value: Any, name: str, vocab_size: int) -> list[int]:
     """``value`` as token ids of this vocabulary; an ApiError naming ``name`` otherwise."""
     if not isinstance(value, list) or not all(
@@ -218,21 +229,35 @@ def choices_per_prompt(body: dict) -> int:
     return n
 
 
-def include_usage(body: dict) -> bool:
+@dataclasses.dataclass(frozen=True)
+class StreamUsage:
+    """What usage a stream carries (``stream_options``, vLLM's meaning). ``final``: a last
+    chunk with empty ``choices`` and the whole request's usage, the others ``"usage":
+    null``. ``continuous`` (only with ``final``): every chunk carries its choice's usage so
+    far (that prompt's tokens, the choice's completion tokens up to and including it)."""
+
+    final: bool = False
+    continuous: bool = False
+
+
+def stream_usage(body: dict) -> StreamUsage:
+    """``stream_options`` as vLLM reads them: ``continuous_usage_stats`` without
+    ``include_usage`` asks for nothing (no usage anywhere in the stream)."""
     opts = body.get("stream_options")
     if opts is None:
-        return False
+        return StreamUsage()
     if not flag(body, "stream"):
         raise ApiError(
             400, "'stream_options' is only allowed with 'stream': true", "stream_options"
         )
     if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
-        raise ApiError(400, "'stream_options' must be {'include_usage': bool}", "stream_options")
-    if opts.get("continuous_usage_stats"):
         raise ApiError(
-            400, "'stream_options.continuous_usage_stats' is not supported", "stream_options"
+            400,
+            "'stream_options' must be {'include_usage': bool, 'continuous_usage_stats': bool}",
+            "stream_options",
         )
-    return flag(opts, "include_usage")
+    final, continuous = flag(opts, "include_usage"), flag(opts, "continuous_usage_stats")
+    return StreamUsage(final, final and continuous)
 
 
 def sampling_params(

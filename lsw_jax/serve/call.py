@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lsw_jax.sampling import SamplingParams
-from lsw_jax.serve.api_schema import ApiError
+from lsw_jax.serve.api_schema import ApiError, StreamUsage
 from lsw_jax.serve.engine import Request, Update
 from lsw_jax.serve.openai_format import (
     chat_logprobs,
@@ -54,7 +54,7 @@ class Job:
     params: list[SamplingParams]  # per prompt
     n: int
     stream: bool
-    include_usage: bool
+    usage: StreamUsage  # what usage the stream carries
     echo: bool
 
 
@@ -138,7 +138,18 @@ class Call:
         return next((r for r in self.reqs if r.finish_reason == "error"), None)
 
     # ---------------------------------------------------------------- streamed
-    def _chunk(self, index: int, text: str | None, finish: str | None, logprobs=None, role=False):
+    def _chunk(
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        logprobs=None,
+        role=False,
+        *,
+        tokens: int = 0,
+    ):
+        """Choice ``index``'s chunk; ``tokens``: its completion tokens so far (the usage of a
+        continuous-usage stream)."""
         if self.job.chat:
             delta = {} if text is None else {"content": text}
             if role:
@@ -153,7 +164,10 @@ class Call:
                 "finish_reason": finish,
             }
             obj = "text_completion"
-        return self._event(obj, [choice])
+        so_far = None
+        if self.job.usage.continuous:  # vLLM's: this choice's prompt and tokens so far
+            so_far = usage([len(self.job.prompts[index // self.job.n])], [tokens])
+        return self._event(obj, [choice], so_far)
 
     def _event(self, obj: str, choices: list, usage_: dict | None = None) -> str:
         payload = {
@@ -163,7 +177,7 @@ class Call:
             "model": self.job.model,
             "choices": choices,
         }
-        if self.job.include_usage:
+        if self.job.usage.final:
             payload["usage"] = usage_
         return f"data: {json.dumps(payload)}\n\n"
 
@@ -171,6 +185,7 @@ class Call:
         done = False
         n = self.job.n
         sent = [0] * len(self.reqs)  # characters sent per choice (text_offset)
+        tokens = [0] * len(self.reqs)  # completion tokens received per choice
         try:
             for k, req in enumerate(self.reqs):
                 if self.job.chat:
@@ -182,19 +197,20 @@ class Call:
                     yield self._chunk(k, text, None, lp)
             async for k, update in self.updates():
                 req = self.reqs[k]
+                tokens[k] += len(update.tokens)
                 if update.finished:
                     if req.finish_reason == "error":
                         yield f"data: {json.dumps(error_body(500, req.error, None, None))}\n\n"
                     else:
-                        yield self._chunk(k, None, self._finish_reason(req))
+                        yield self._chunk(k, None, self._finish_reason(req), tokens=tokens[k])
                     continue
                 want_lp = req.params.logprobs is not None
                 if not update.text and not want_lp:
                     continue
                 lp = self._logprobs(req, update.logprobs, prompt=None, offset=sent[k])
                 sent[k] += len(update.text)
-                yield self._chunk(k, update.text, None, lp)
-            if self.job.include_usage:
+                yield self._chunk(k, update.text, None, lp, tokens=tokens[k])
+            if self.job.usage.final:
                 obj = "chat.completion.chunk" if self.job.chat else "text_completion"
                 yield self._event(obj, [], self._usage())
             done = True

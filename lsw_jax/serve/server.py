@@ -53,10 +53,11 @@ from lsw_jax.serve.api_schema import (
     check_fields,
     choices_per_prompt,
     flag,
-    include_usage,
     message_text,
     parse_body,
+    required_text,
     sampling_params,
+    stream_usage,
     token_ids,
     with_default_max_tokens,
 )
@@ -365,7 +366,7 @@ class Server:
             params=per_prompt,
             n=choices_per_prompt(body),
             stream=flag(body, "stream"),
-            include_usage=include_usage(body),
+            usage=stream_usage(body),
             echo=not chat and flag(body, "echo"),
         )
 
@@ -485,12 +486,12 @@ class Server:
 
         def work(body: dict) -> Response:
             _check_known(body, {"lora_name", "lora_path", "load_inplace"})
-            name, path = body.get("lora_name"), body.get("lora_path")
-            if not isinstance(name, str) or not isinstance(path, str) or not path:
-                raise ApiError(400, "give 'lora_name' and 'lora_path' as strings", "lora_name")
+            name, path = required_text(body, "lora_name"), required_text(body, "lora_path")
+            inplace = flag(body, "load_inplace")
             pool = self._pool_for_adapters()
             if name == self.model_id or name in pool.names():
-                raise ApiError(400, f"the adapter {name!r} is already loaded", "lora_name")
+                why = "; 'load_inplace' is not supported: unload it first" if inplace else ""
+                raise ApiError(400, f"the adapter {name!r} is already loaded{why}", "lora_name")
             try:
                 pool.register(name, path)
             except (ValueError, KeyError, OSError) as e:
@@ -503,9 +504,10 @@ class Server:
     async def unload_adapter(self, request):
         def work(body: dict) -> Response:
             _check_known(body, {"lora_name", "lora_int_id"})
-            name = body.get("lora_name")
-            if not isinstance(name, str):
-                raise ApiError(400, "give 'lora_name' as a string", "lora_name")
+            name = required_text(body, "lora_name")
+            lora_id = body.get("lora_int_id")  # vLLM's; the name alone picks the adapter
+            if lora_id is not None and (isinstance(lora_id, bool) or not isinstance(lora_id, int)):
+                raise ApiError(400, "'lora_int_id' must be an integer", "lora_int_id")
             pool = self._pool_for_adapters()
             if name not in pool.names():
                 raise ApiError(404, f"the adapter {name!r} is not loaded", "lora_name")
