@@ -55,6 +55,21 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match its config, or whose bytes fail their checksum."""
 
 
+class DestinationExists(FileExistsError):
+    """``atomic_directory`` found ``path`` taken and was not asked to replace it.
+
+    ``replace_with`` is how the caller asks for a replacement: the Python API's
+    ``overwrite=True`` by default; a front end names its own switch with ``naming``
+    (the CLI: ``--overwrite``)."""
+
+    def __init__(self, path: Path, replace_with: str = "overwrite=True") -> None:
+        super().__init__(f"{path} already exists (pass {replace_with} to replace it)")
+        self.path = path
+
+    def naming(self, replace_with: str) -> DestinationExists:
+        return DestinationExists(self.path, replace_with)
+
+
 def absolute(path: str | os.PathLike) -> Path:
     """``path`` made absolute: Orbax refuses relative paths, users type them."""
     return Path(path).expanduser().absolute()
@@ -133,6 +148,20 @@ def verify_tree_checksums(
 # ---------------------------------------------------------------------- directories
 
 
+def check_checkpoint_dir(ckpt: str | os.PathLike) -> Path:
+    """``ckpt`` as a Path, once it is a directory holding a ``config.json``; otherwise the
+    error every reader of a checkpoint gives (the CLI checks each ``--ckpt`` with it first):
+    FileNotFoundError (no such path; no config.json in it) or NotADirectoryError."""
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt}: not a checkpoint (no such file or directory)")
+    if not ckpt.is_dir():
+        raise NotADirectoryError(f"{ckpt}: not a checkpoint (a file, not a directory)")
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt}: not a checkpoint (no config.json)")
+    return ckpt
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds an lsw-jax checkpoint (a config.json this module wrote)."""
     try:
@@ -162,7 +191,7 @@ def atomic_directory(
     dst = absolute(dst)
     if dst.exists():
         if not overwrite:
-            raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+            raise DestinationExists(dst)
         if not (_is_empty_dir(dst) or (dst.is_dir() and replaces(dst))):
             raise FileExistsError(
                 f"{dst} exists and is not {what}: refusing to replace it (overwrite only "
@@ -204,9 +233,7 @@ _POSITIVE_INT_FIELDS = (
 
 
 def _read_checkpoint_json(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{ckpt}: not a checkpoint (no config.json)")
+    path = check_checkpoint_dir(ckpt) / "config.json"
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

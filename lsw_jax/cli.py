@@ -8,8 +8,10 @@ Every sub-command lives here: each ``_cmd_*`` parses nothing itself and calls th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ import jax
 import numpy as np
 
 from lsw_jax.adapters.store import list_adapters, save_adapter
+from lsw_jax.checkpoint import DestinationExists, check_checkpoint_dir
 from lsw_jax.config import AdapterConfig
 from lsw_jax.convert import convert_checkpoint
 from lsw_jax.convert.gguf import shipped_smollm2_gguf
@@ -34,6 +37,9 @@ from lsw_jax.train import TrainConfig, Trainer
 from pallas_kernels.dispatch import IMPLS
 
 DEFAULT_PROMPT = "What is a LoRA adapter, in two sentences?"
+# Token limits: the demo's lets a typical chat answer end at EOS (the default prompt's
+# answer is ~40 tokens); generate keeps its own.
+GENERATE_MAX_NEW_TOKENS, DEMO_MAX_NEW_TOKENS = 96, 256
 
 
 def default_cache_dir() -> Path:
@@ -105,9 +111,13 @@ def run_prompt(
     plan: str = "dense",
     impl: str = "auto",
     verify_checksums: bool = True,
+    whole_sentences: bool = False,
 ) -> None:
-    """Answer one prompt; print the completion, then tokens/s measured after compilation.
+    """Answer one prompt; print the completion, then (stderr) tokens/s and the time to the
+    first token, both measured after compilation.
 
+    An answer that reaches ``max_new_tokens`` before EOS is said to (stderr); with
+    ``whole_sentences`` it is printed up to its last full sentence (``whole_sentences_of``).
     mesh: a ``jax.sharding.Mesh``: weights are restored straight into their shardings
     (``lsw_jax.sharding``) and the same jitted generate runs tensor/FSDP-parallel."""
     t0 = time.perf_counter()
@@ -128,20 +138,75 @@ def run_prompt(
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, plan=plan, impl=impl)
     t0 = time.perf_counter()
     out = generate(model, ids, max_new_tokens, **kw)
-    first = time.perf_counter() - t0
+    first_call = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = generate(model, ids, max_new_tokens, **kw)  # compiled now: time the decode itself
     wall = time.perf_counter() - t0
-    eos = set(model.cfg.eos_token_ids)
+    eos = tuple(model.cfg.eos_token_ids)
     new = [int(t) for t in out[0]]
     n = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
-    print(tok.decode(new[:n], skip_special_tokens=True).strip())
+    ttft = time_to_first_token(model, ids, max_new_tokens, new[0], eos, wall, **kw)
+    answer = tok.decode(new[:n], skip_special_tokens=True).strip()
+    at_limit = new[n - 1] not in eos
+    shown = whole_sentences_of(answer) if at_limit and whole_sentences else answer
+    print(shown)
+    if at_limit:
+        cut = "; cut to its last full sentence or word" if shown != answer else ""
+        print(
+            f"\n(stopped at the token limit, {max_new_tokens} tokens, before the answer "
+            f"ended{cut}; --max-new-tokens raises it)",
+            file=sys.stderr,
+        )
+    first_token = "" if ttft is None else f", first token in {1000 * ttft:.0f} ms"
     print(
         f"\n[{n} tokens: {n / wall:.1f} tokens/s ({1000 * wall / n:.1f} ms/token incl. prefill of "
-        f"{ids.shape[1]} tokens); loaded in {loaded:.1f} s; first call (compilation or "
-        f"compilation cache, then the same decode) {first:.1f} s]",
+        f"{ids.shape[1]} tokens){first_token}; loaded in {loaded:.1f} s; first call "
+        f"(compilation or compilation cache, then the same decode) {first_call:.1f} s]",
         file=sys.stderr,
     )
+
+
+def time_to_first_token(
+    model: Any,
+    ids: np.ndarray,
+    max_new_tokens: int,
+    first: int,
+    eos: tuple[int, ...],
+    wall: float,
+    **kw: Any,
+) -> float | None:
+    """Seconds a compiled ``generate(model, ids, max_new_tokens, **kw)`` takes to its first
+    token (prefill + one sample), given ``first``, the token it samples first.
+
+    The same call runs again with ``first`` as its stop id, so its loop ends after that
+    token. The stop ids keep their number (``first`` takes the first EOS id's place), so
+    the compiled program is reused. An answer that is EOS at once already took ``wall``;
+    a model without EOS ids has no stop id to swap (None: not measured)."""
+    stops = list(dict.fromkeys(eos))  # generate's stop ids are distinct: keep their count
+    if first in stops:
+        return wall
+    if not stops:
+        return None
+    stops[0] = first
+    t0 = time.perf_counter()
+    generate(model, ids, max_new_tokens, eos_token_id=stops, **kw)
+    return time.perf_counter() - t0
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)|\n")
+
+
+def whole_sentences_of(text: str) -> str:
+    """``text`` (cut by a token limit) up to its last full sentence: through the last
+    ``.``/``!``/``?`` (with closing quotes or brackets) that ends the text or precedes a
+    space, or the last line break; without one, up to its last space (the final word may
+    be cut); without a space, all of it."""
+    text = text.rstrip()
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if ends:
+        return text[: ends[-1]].rstrip()
+    head, space, _ = text.rpartition(" ")
+    return head.rstrip() if space and head.strip() else text
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -162,7 +227,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if not (ckpt / "config.json").exists():
         print(f"converting {gguf.name} -> {ckpt} (once)", file=sys.stderr)
         convert_checkpoint(gguf, ckpt, overwrite=True)
-    run_prompt(ckpt, args.prompt, chat=True, **_run_kwargs(args))
+    run_prompt(ckpt, args.prompt, chat=True, whole_sentences=True, **_run_kwargs(args))
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict:
@@ -179,26 +244,45 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+CKPT_HELP = "checkpoint directory (made by `lsw-jax convert`)"
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help="most tokens to generate (default %(default)s); the answer may end sooner, at EOS",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy (default)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, help="sample from the K likeliest tokens; 0: all (default)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: the likeliest tokens holding P of the mass (default %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default %(default)s)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: fp32 CPU, bf16 GPU)")
 
 
 def _add_generation_commands(sub: Any) -> None:
     p = sub.add_parser("convert", help="HF folder or .gguf -> Orbax checkpoint")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="HF model folder (config.json + safetensors) or a .gguf file")
+    p.add_argument("dst", help="checkpoint directory to write")
     p.add_argument("--dtype", default=None, help="store weights in this dtype (e.g. bfloat16)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace DST when it is an lsw-jax checkpoint"
+    )
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("generate", help="complete a prompt with a converted checkpoint")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    p.add_argument("--prompt", required=True, help="text to complete (with --chat: to answer)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--adapter", default=None, help="PEFT adapter dir or stored adapter name")
     p.add_argument(
@@ -207,12 +291,14 @@ def _add_generation_commands(sub: Any) -> None:
     p.add_argument(
         "--impl", default="auto", choices=IMPLS, help="unmerged op: kernel, reference or auto"
     )
-    _add_sampling(p)
+    _add_sampling(p, GENERATE_MAX_NEW_TOKENS)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("demo", help="SmolLM2-135M-Instruct: convert once, answer a prompt")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    _add_sampling(p)
+    p.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="question to answer (default: %(default)r)"
+    )
+    _add_sampling(p, DEMO_MAX_NEW_TOKENS)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -262,27 +348,47 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _add_training_commands(sub: Any) -> None:
+    train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     p = sub.add_parser("train", help="train a switch/mola/lora adapter on a frozen backbone")
     p.add_argument("--config", help="JSON file with TrainConfig fields (flags override)")
-    p.add_argument("--ckpt")
+    p.add_argument("--ckpt", help=f"{CKPT_HELP} of the frozen backbone (default: --config's)")
     p.add_argument("--data", nargs="+", help=".txt / .jsonl files")
-    p.add_argument("--out")
-    p.add_argument("--kind", default="switch", choices=["switch", "mola", "lora"])
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--out", help="run directory: training checkpoints, adapters/final (rerun to resume)"
+    )
+    p.add_argument(
+        "--kind",
+        default="switch",
+        choices=["switch", "mola", "lora"],
+        help="switch: LoRA-Switch, one router for all layers (default); mola: per-layer "
+        "routers; lora: one plain LoRA. Ignored with --config (the file's adapter applies)",
+    )
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {train['steps']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {train['lr']})")
+    p.add_argument(
+        "--batch-size", type=int, help=f"sequences per step (default {train['batch_size']})"
+    )
+    p.add_argument(
+        "--seq-len", type=int, help=f"tokens per training sequence (default {train['seq_len']})"
+    )
+    p.add_argument(
+        "--seed", type=int, help=f"adapter init and data order (default {train['seed']})"
+    )
     p.add_argument("--adapter-name", help="also store the adapter in CKPT/adapters/NAME")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="perplexity on text; multiple-choice accuracy")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--adapter", default=None)
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    p.add_argument("--adapter", default=None, help="PEFT adapter dir or stored adapter name")
     p.add_argument("--text", nargs="*", help=".txt / .jsonl files")
     p.add_argument("--choices", help="JSONL of {question, choices, answer}")
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--dtype", default=None)
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=512,
+        help="tokens per scored window of --text (default %(default)s)",
+    )
+    p.add_argument("--dtype", default=None, help="compute dtype (default: fp32 CPU, bf16 GPU)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -317,22 +423,32 @@ def _cmd_list_adapters(args: argparse.Namespace) -> None:
 
 def _add_adapter_commands(sub: Any) -> None:
     p = sub.add_parser("adapters", help="import/export/list adapters of a checkpoint")
-    asub = p.add_subparsers(dest="adapters_command", required=True)
+    asub = p.add_subparsers(dest="adapters_command", required=True, help="what to do")
     q = asub.add_parser("import-peft", help="store PEFT LoRA adapter(s) in a checkpoint")
-    q.add_argument("--ckpt", required=True)
-    q.add_argument("--name", required=True)
+    q.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    q.add_argument("--name", required=True, help="store it as CKPT/adapters/NAME")
     q.add_argument("peft", nargs="+", help="one PEFT dir (plain LoRA) or N dirs (expert bank)")
-    q.add_argument("--kind", default="lora", choices=["lora", "switch", "mola"])
-    q.add_argument("--top-k", type=int, default=2)
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument(
+        "--kind",
+        default="lora",
+        choices=["lora", "switch", "mola"],
+        help="lora (default): one dir as a plain LoRA; switch / mola: the dirs as the experts "
+        "of a bank with a new, untrained router",
+    )
+    q.add_argument(
+        "--top-k", type=int, default=2, help="experts per token of a bank (default %(default)s)"
+    )
+    q.add_argument(
+        "--overwrite", action="store_true", help="replace a stored adapter of the same name"
+    )
     q.set_defaults(func=_cmd_import_peft)
     q = asub.add_parser("export-peft", help="write a stored plain LoRA in PEFT format")
-    q.add_argument("--ckpt", required=True)
-    q.add_argument("--name", required=True)
-    q.add_argument("--out", required=True)
+    q.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    q.add_argument("--name", required=True, help="the stored adapter (adapters list)")
+    q.add_argument("--out", required=True, help="PEFT adapter directory to write")
     q.set_defaults(func=_cmd_export_peft)
     q = asub.add_parser("list", help="list stored adapters")
-    q.add_argument("--ckpt", required=True)
+    q.add_argument("--ckpt", required=True, help=CKPT_HELP)
     q.set_defaults(func=_cmd_list_adapters)
 
 
@@ -383,10 +499,16 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 def _add_serve_command(sub: Any) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (dLoRA multi-adapter)")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=PATH_OR_STORED")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    p.add_argument(
+        "--adapters",
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH_OR_STORED",
+        help="adapters to serve, each as model id NAME: a PEFT dir or a stored adapter",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("LSW_JAX_API_KEY"),
@@ -413,7 +535,13 @@ def _add_serve_command(sub: Any) -> None:
     p.add_argument("--pool-rank", type=int, default=16, help="largest LoRA rank the pool holds")
     p.add_argument("--pool-max-experts", type=int, default=8, help="largest expert bank")
     p.add_argument("--pool-top-k", type=int, default=2, help="largest router top-k")
-    p.add_argument("--policy", default="adaptive", choices=["adaptive", "merged", "unmerged"])
+    p.add_argument(
+        "--policy",
+        default="adaptive",
+        choices=["adaptive", "merged", "unmerged"],
+        help="how adapters apply per step: adaptive picks merged or unmerged from measured "
+        "throughput (default); merged/unmerged: always that",
+    )
     p.add_argument("--served-model-name", default=None, help="model id of the base model")
     p.add_argument(
         "--enable-lora",
@@ -425,7 +553,7 @@ def _add_serve_command(sub: Any) -> None:
         action="store_true",
         help="skip compiling the step shapes at start (they compile on first use)",
     )
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, help="compute dtype (default: fp32 CPU, bf16 GPU)")
     limits = HttpLimits()
     p.add_argument(
         "--max-waiting",
@@ -493,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load checkpoints without checking each array's crc32 (shapes are always "
         "checked); saves ~9%% of a load (docs/benchmarks.md)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="the sub-command")
     _add_generation_commands(sub)
     _add_training_commands(sub)
     _add_adapter_commands(sub)
@@ -514,8 +642,18 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
         default=env("JAX_COORDINATOR_ADDRESS"),
         help="multi-host: HOST:PORT of process 0 (env JAX_COORDINATOR_ADDRESS)",
     )
-    p.add_argument("--num-processes", type=int, default=env("JAX_NUM_PROCESSES"))
-    p.add_argument("--process-id", type=int, default=env("JAX_PROCESS_ID"))
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=env("JAX_NUM_PROCESSES"),
+        help="multi-host: how many processes (env JAX_NUM_PROCESSES)",
+    )
+    p.add_argument(
+        "--process-id",
+        type=int,
+        default=env("JAX_PROCESS_ID"),
+        help="multi-host: this process's rank, 0..N-1 (env JAX_PROCESS_ID)",
+    )
     p.add_argument(
         "--distributed",
         action="store_true",
@@ -545,9 +683,13 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_compile_cache(args.compile_cache)
     try:
+        if getattr(args, "ckpt", None) is not None:  # every command taking --ckpt
+            check_checkpoint_dir(args.ckpt)  # one message, before any tokenizer or adapter
         args.device_mesh = init_distributed(args)
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
+        if isinstance(e, DestinationExists) and hasattr(args, "overwrite"):
+            e = e.naming("--overwrite")
         raise SystemExit(f"lsw-jax {args.command}: error: {e}") from e
 
 

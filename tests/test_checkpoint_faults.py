@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import save_file
+from test_cli import subcommands
 from test_serve_fixtures import WORDS, make_tokenizer
 from test_train import _trainer
 
@@ -21,7 +22,7 @@ import lsw_jax
 from lsw_jax.adapters.lora import attach_adapter
 from lsw_jax.adapters.store import load_adapter, save_adapter
 from lsw_jax.checkpoint import CheckpointError, array_checksum
-from lsw_jax.cli import main
+from lsw_jax.cli import build_parser, main
 from lsw_jax.config import AdapterConfig, ModelConfig
 from lsw_jax.convert.hf import hf_key_table
 from lsw_jax.convert.peft import export_peft_adapter
@@ -264,6 +265,65 @@ def test_overwrite_replaces_only_a_checkpoint(saved, tmp_path):
     main(["convert", str(src), str(tmp_path / "empty"), "--overwrite"])
     main(["convert", str(src), str(tmp_path / "empty"), "--overwrite"])  # a checkpoint now
     assert lsw_jax.load_model(tmp_path / "empty", dtype="float32").cfg == model.cfg
+
+
+def test_existing_destination_names_the_cli_flag(saved, peft_dir, tmp_path):
+    model, _ = saved
+    src, dst = _hf_folder(model, tmp_path / "hf"), tmp_path / "ckpt"
+    main(["convert", str(src), str(dst)])
+    with pytest.raises(FileExistsError, match=r"ckpt already exists \(pass overwrite=True"):
+        lsw_jax.convert_checkpoint(src, dst, show_progress=False)  # the API's own switch
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(src), str(dst)])
+    assert (
+        str(e.value)
+        == f"lsw-jax convert: error: {dst} already exists (pass --overwrite to replace it)"
+    )
+    main(["adapters", "import-peft", "--ckpt", str(dst), "--name", "p", str(peft_dir)])
+    with pytest.raises(SystemExit, match=r"adapters/p already exists \(pass --overwrite to"):
+        main(["adapters", "import-peft", "--ckpt", str(dst), "--name", "p", str(peft_dir)])
+
+
+# Every sub-command taking --ckpt, with its other required arguments.
+CKPT_COMMANDS = {
+    ("generate",): ["--prompt", "w1"],
+    ("eval",): ["--text", "t.txt"],
+    ("train",): ["--data", "t.txt", "--out", "run"],
+    ("adapters", "import-peft"): ["--name", "p", "peft"],
+    ("adapters", "export-peft"): ["--name", "p", "--out", "exported"],
+    ("adapters", "list"): [],
+    ("serve",): [],
+}
+
+
+def test_every_ckpt_command_is_covered():
+    taking = {
+        path
+        for path, parser in subcommands(build_parser())
+        if any("--ckpt" in a.option_strings for a in parser._actions)
+    }
+    assert taking == set(CKPT_COMMANDS)
+
+
+@pytest.mark.parametrize("bad", ["missing", "empty", "a_file"])
+def test_every_ckpt_command_refuses_a_non_checkpoint_alike(bad, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    why = {
+        "missing": "no such file or directory",
+        "empty": "no config.json",
+        "a_file": "a file, not a directory",
+    }[bad]
+    want = f"{bad}: not a checkpoint ({why})"
+    for path, rest in CKPT_COMMANDS.items():
+        with pytest.raises(SystemExit) as e:
+            main([*path, "--ckpt", bad, *rest])
+        assert str(e.value) == f"lsw-jax {path[0]}: error: {want}", path
+    with pytest.raises(OSError) as e:
+        lsw_jax.load_model(bad)  # the library gives the same message
+    assert str(e.value) == want
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty"]  # nothing written
 
 
 # ---------------------------------------------------------------------- PEFT adapter configs
