@@ -36,7 +36,7 @@ class SamplingParams:
     """Decoding settings of one request; ``temperature == 0`` is greedy.
 
     max_tokens: new tokens at most (0: score the prompt only). top_k: 0 = off. top_p in
-    (0, 1]. seed: the request's PRNG seed. stop_token_ids: extra ids that end the request
+    (0, 1]. seed: the request's PRNG seed, any int64 (its low 32 bits pick the key). stop_token_ids: extra ids that end the request
     (after being emitted). stop: strings that end it (matched in the engine's text; the text
     is cut before the match). ignore_eos: keep going past the model's EOS ids. min_tokens:
     EOS, stop ids and stop strings cannot end the request before this many tokens.
@@ -73,8 +73,8 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed={self.seed} must be in [0, 2**63)")
+        if not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed} must be a 64-bit signed integer")
         if not 0 <= self.min_tokens <= max(self.max_tokens, 0):
             raise ValueError(f"min_tokens={self.min_tokens} must be in [0, max_tokens]")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -117,14 +117,26 @@ class SamplingParams:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LogitAdjust:
-    """Per-row logit adjustments, each ``[B, V]`` float32, applied in this order (vLLM's):
-    ``x = logits + bias`` (logit_bias; -inf on stop ids before min_tokens), then the
-    repetition penalty (``x / r`` where ``x > 0``, ``x * r`` elsewhere; r = 1 leaves a token
-    alone), then ``x - penalty`` (presence + frequency x count of generated tokens)."""
+    """Per-row logit adjustments, applied in this order (vLLM's): ``x = logits + bias``
+    (logit_bias), -inf on the ``ban`` ids (EOS and stop ids) while the row has generated
+    fewer than ``min_tokens``, then the repetition penalty on tokens ``seen`` in the prompt
+    or output (``x / r`` where ``x > 0``, ``x * r`` elsewhere), then ``x - presence *
+    (counts > 0) - frequency * counts`` over the generated tokens' ``counts``.
 
-    bias: Array
-    repetition: Array
-    penalty: Array
+    A device-resident state: ``counted`` adds a step's sampled tokens inside the jitted
+    step and ``with_rows`` writes admitted rows, so nothing ``[B, V]`` crosses to the host
+    per step. Rows with ``on`` false pass through (and when no row is on, the sampler skips
+    the adjustment)."""
+
+    bias: Array  # [B, V] float32
+    ban: Array  # [B, V] bool
+    seen: Array  # [B, V] bool: in the prompt or the output
+    counts: Array  # [B, V] float32: times generated
+    min_tokens: Array  # [B] int32
+    repetition: Array  # [B] float32, 1 = off
+    presence: Array  # [B] float32
+    frequency: Array  # [B] float32
+    on: Array  # [B] bool: the row asks for any adjustment
 
     @classmethod
     def build(
@@ -135,36 +147,68 @@ class LogitAdjust:
     ) -> LogitAdjust:
         """From each row's (params, prompt ids, generated ids); None: an idle row."""
         n = len(rows)
-        bias = np.zeros((n, vocab), np.float32)
-        rep = np.ones((n, vocab), np.float32)
-        pen = np.zeros((n, vocab), np.float32)
+        bias, counts = np.zeros((n, vocab), np.float32), np.zeros((n, vocab), np.float32)
+        ban, seen = np.zeros((n, vocab), bool), np.zeros((n, vocab), bool)
+        per_row = np.zeros((4, n), np.float32)  # min_tokens, repetition, presence, frequency
+        per_row[1] = 1.0
+        on = np.zeros((n,), bool)
         for i, row in enumerate(rows):
-            if row is None:
+            if row is None or not row[0].adjusts_logits:
                 continue
             sp, prompt, output = row
+            on[i] = True
             for t, b in sp.logit_bias:
                 bias[i, t] += b
-            if len(output) < sp.min_tokens:
-                bias[i, list(sp.stop_ids(eos_ids))] = -np.inf
-            if sp.repetition_penalty != 1.0:
-                rep[i, np.asarray(prompt + output, np.int64)] = sp.repetition_penalty
-            if output and (sp.presence_penalty or sp.frequency_penalty):
-                counts = np.bincount(np.asarray(output, np.int64), minlength=vocab)[:vocab]
-                pen[i] = sp.presence_penalty * (counts > 0) + sp.frequency_penalty * counts
-        return cls(jnp.asarray(bias), jnp.asarray(rep), jnp.asarray(pen))
+            ban[i, list(sp.stop_ids(eos_ids))] = True
+            seen[i, np.asarray(prompt + output, np.int64)] = True
+            counts[i] = np.bincount(np.asarray(output, np.int64), minlength=vocab)[:vocab]
+            per_row[:, i] = (sp.min_tokens, sp.repetition_penalty, sp.presence_penalty,
+                             sp.frequency_penalty)  # fmt: skip
+        return cls(
+            jnp.asarray(bias),
+            jnp.asarray(ban),
+            jnp.asarray(seen),
+            jnp.asarray(counts),
+            jnp.asarray(per_row[0], jnp.int32),
+            *map(jnp.asarray, per_row[1:]),
+            jnp.asarray(on),
+        )
 
-    def __call__(self, logits: Array) -> Array:
+    @classmethod
+    def identity(cls, n: int, vocab: int) -> LogitAdjust:
+        """``n`` rows that adjust nothing."""
+        return cls.build([None] * n, vocab, ())
+
+    def __call__(self, logits: Array, generated: Array) -> Array:
+        """``logits [B, V]`` adjusted, float32; ``generated [B]``: tokens each row has
+        generated so far (``min_tokens``)."""
         x = logits.astype(jnp.float32) + self.bias
-        x = jnp.where(x > 0, x / self.repetition, x * self.repetition)
-        return x - self.penalty
+        x = jnp.where(self.ban & (generated < self.min_tokens)[:, None], -jnp.inf, x)
+        r = jnp.where(self.seen, self.repetition[:, None], 1.0)
+        x = jnp.where(x > 0, x / r, x * r)
+        penalty = self.presence[:, None] * (self.counts > 0) + self.frequency[:, None] * self.counts
+        return jnp.where(self.on[:, None], x - penalty, logits.astype(jnp.float32))
+
+    def counted(self, tokens: Array, live: Array) -> LogitAdjust:
+        """The state after rows ``live [B]`` generated ``tokens [B]``."""
+        b = jnp.arange(tokens.shape[0])
+        add = live & self.on
+        return dataclasses.replace(
+            self,
+            counts=self.counts.at[b, tokens].add(add.astype(jnp.float32)),
+            seen=self.seen.at[b, tokens].max(add),
+        )
+
+    def with_rows(self, rows: Array, new: LogitAdjust) -> LogitAdjust:
+        """Rows ``rows [R]`` replaced by ``new``'s R rows (rows out of range: dropped)."""
+        return jax.tree.map(lambda a, x: a.at[rows].set(x, mode="drop"), self, new)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RowSampling:
     """Per-row sampler inputs, each ``[B]`` (a pytree: one jitted function serves all);
-    ``adjust``: the rows' logit adjustments, or None when no row asks for one (then the
-    step compiles without them and costs nothing extra)."""
+    ``adjust``: the rows' logit adjustments, or None (``generate``: none asked for)."""
 
     seeds: Array  # uint32
     counters: Array  # int32: tokens the row's request has generated so far
@@ -213,7 +257,9 @@ def sample_rows(logits: Array, rs: RowSampling) -> Array:
     No step sorts the vocabulary unless a row's cut lies beyond the ``CANDIDATES``
     largest logits (a sort of [B, V] costs XLA's CPU ~16 ms a row)."""
     if rs.adjust is not None:
-        logits = rs.adjust(logits)
+        adjust = lambda x: rs.adjust(x, rs.counters)
+        plain = lambda x: x.astype(jnp.float32)
+        logits = jax.lax.cond(jnp.any(rs.adjust.on), adjust, plain, logits)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sample(_):

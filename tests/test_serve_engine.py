@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_serve_fixtures import make_engine, prompts, reference_greedy
+from test_serve_fixtures import MAX_LEN, make_engine, prompts, reference_greedy, tiny_checkpoint
 
 from lsw_jax.sampling import SamplingParams
 from lsw_jax.serve.engine import Request
+from lsw_jax.serve.server import build_server
 from lsw_jax.serve.steps import TRACE_COUNTS
 
 N_NEW = 8
@@ -73,6 +74,31 @@ def test_no_recompilation_in_steady_state():
     eng.run_until_idle()
     assert dict(TRACE_COUNTS) == before, "a step recompiled after warm-up"
     assert all(r.finished for r in warm)
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "merged", "unmerged"])
+def test_default_serve_compiles_nothing_after_warm_up(policy):
+    """``lsw-jax serve --ckpt ck`` (no adapters, no pool): the scheduler explores merged and
+    unmerged steps, both plain products here, and warm-up compiled the step they run.
+    Greedy, sampled and penalised rows share the program (the logit adjustments are a
+    device state every step carries)."""
+    server = build_server(tiny_checkpoint(), slots=4, max_len=MAX_LEN, policy=policy, warmup=False)
+    eng = server.engine
+    assert eng.pool is None
+    eng.warm_up()
+    before = dict(TRACE_COUNTS)
+    sampled = SamplingParams(max_tokens=6, temperature=0.9, top_p=0.8, top_k=20, seed=3)
+    penalised = _greedy(presence_penalty=1.0, repetition_penalty=1.2, logit_bias=((5, 2.0),))
+    reqs = [
+        eng.submit(Request(p, sp))
+        for p, sp in zip(prompts(4, 21), [_greedy(), sampled, penalised, sampled], strict=True)
+    ]
+    eng.run_until_idle()
+    assert dict(TRACE_COUNTS) == before, "a step compiled after warm-up"
+    assert all(r.finished and r.finish_reason != "error" for r in reqs)
+    assert reqs[0].output == reference_greedy(reqs[0].prompt, None, N_NEW)
+    if policy != "unmerged":
+        assert eng.scheduler.mode_counts["merged"] > 0  # the step warm-up used to miss
 
 
 def test_preemption_keeps_generated_tokens():

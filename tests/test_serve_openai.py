@@ -88,6 +88,55 @@ def test_echo_with_max_tokens_0_is_lm_evals_loglikelihood(live):
         assert out.usage.prompt_tokens == len(p) and out.usage.completion_tokens == mt
 
 
+def test_streamed_echo_carries_the_prompts_logprobs_as_unstreamed(live):
+    """A streamed ``echo`` with ``logprobs``: its first chunk per choice is the prompt with
+    the log-probabilities the unstreamed reply gives (not one null token), then the
+    completion; all of it equals the unstreamed reply's logprobs."""
+    _, _, client = live
+    p = prompts(1, 73)[0]
+    kw = dict(model="tiny", prompt=p, max_tokens=3, logprobs=2, echo=True, **GREEDY)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c for c in client.completions.create(**kw, stream=True) if c.choices]
+    first = chunks[0].choices[0]
+    assert first.text == TOK.decode(p) and len(first.logprobs.tokens) == len(p)
+    assert first.logprobs.token_logprobs[0] is None
+    np.testing.assert_allclose(
+        first.logprobs.token_logprobs[1:], whole.logprobs.token_logprobs[1 : len(p)], atol=1e-6
+    )
+    streamed = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.tokens]
+    assert streamed == whole.logprobs.tokens
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+
+
+def test_vllm_values_top_k_minus_one_and_int64_seeds(live):
+    """``top_k: -1`` is vLLM's "off" (LangChain's VLLMOpenAI sends it): the same tokens as
+    0 for one seed; any int64 seed is taken and repeats; out of range is a 400."""
+    _, _, client = live
+    kw = dict(model="tiny", prompt=prompts(1, 74)[0], max_tokens=6, temperature=1.0)
+
+    def ids(**extra):
+        out = client.completions.create(**kw, extra_body={"ignore_eos": True, **extra})
+        return out.choices[0].model_extra["token_ids"]
+
+    assert ids(top_k=-1, seed=11) == ids(top_k=0, seed=11)
+    for seed in (-1, -(2**63), 2**63 - 1):
+        assert ids(seed=seed) == ids(seed=seed)
+    for field, value in (("seed", 2**63), ("seed", -(2**63) - 1), ("top_k", -2)):
+        with pytest.raises(openai.BadRequestError, match=f"'{field}'"):
+            ids(**{field: value})
+
+
+def test_unknown_routes_and_methods_are_json_errors(live):
+    url, _, _ = live
+    r = httpx.get(f"{url}/v1/nothing-here")
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["type"] == "not_found_error" and "/v1/nothing-here" in r.text
+    r = httpx.get(f"{url}/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    err = r.json()["error"]
+    assert err["message"] == "GET /v1/completions: method not allowed", err
+
+
 def test_batched_prompts_and_n(live):
     """Prompts as a list of strings and of token-id lists, n choices each: indexed i*n+j,
     greedy choices equal generate, sampled ones differ per choice and repeat per seed."""

@@ -114,6 +114,35 @@ def _reference_adjust(logits, sp, prompt, output, eos):
     return x
 
 
+def test_logit_adjust_counted_on_device_equals_a_rebuild():
+    """The device state after a step (``counted``: each live row's sampled token) and
+    after admission (``with_rows``) equals building it on the host from the new outputs;
+    rows that ask for nothing and rows not live stay as they were."""
+    v, eos = 30, (0,)
+    rows = [
+        (SamplingParams(presence_penalty=0.7, frequency_penalty=0.4, min_tokens=2), [3], [5]),
+        (SamplingParams(repetition_penalty=1.5), [4, 4], []),
+        (SamplingParams(), [1], [2]),  # asks for nothing
+        (SamplingParams(frequency_penalty=1.0), [2], [7]),  # not live this step
+    ]
+    tokens, live = [5, 9, 6, 7], [True, True, True, False]
+    after = LogitAdjust.build(rows, v, eos).counted(jnp.asarray(tokens), jnp.asarray(live))
+    grown = [
+        (sp, p, o + [t] if ok else o) for (sp, p, o), t, ok in zip(rows, tokens, live, strict=True)
+    ]
+    want = LogitAdjust.build(grown, v, eos)
+    for name in ("bias", "ban", "seen", "counts", "min_tokens", "on"):
+        np.testing.assert_array_equal(getattr(after, name), getattr(want, name), err_msg=name)
+    x = jnp.asarray(np.random.default_rng(1).normal(0, 2, (4, v)).astype(np.float32))
+    generated = jnp.asarray([len(o) for _, _, o in grown])
+    np.testing.assert_allclose(after(x, generated), want(x, generated), rtol=1e-6)
+    admitted = LogitAdjust.build(grown[:3], v, eos)  # into rows 4 and 1; row 6 is padding
+    state = LogitAdjust.identity(6, v).with_rows(jnp.asarray([4, 1, 6]), admitted)
+    np.testing.assert_array_equal(state.on, [False, True, False, False, True, False])
+    np.testing.assert_array_equal(state.counts[4], want.counts[0])
+    np.testing.assert_array_equal(state.seen[1], want.seen[1])
+
+
 def test_logit_adjust_matches_a_reference_per_row():
     rng = np.random.default_rng(0)
     v = 40
@@ -125,11 +154,13 @@ def test_logit_adjust_matches_a_reference_per_row():
         None,
     ]
     adjust = LogitAdjust.build(rows, v, (0, 1))
-    got = np.asarray(adjust(jnp.asarray(logits)))
+    generated = [0 if r is None else len(r[2]) for r in rows]
+    got = np.asarray(adjust(jnp.asarray(logits), jnp.asarray(generated)))
     for i, row in enumerate(rows):
         want = logits[i] if row is None else _reference_adjust(logits[i], *row, (0, 1))
         np.testing.assert_allclose(got[i], want, rtol=1e-6)
-    rs = RowSampling.from_params([None if r is None else r[0] for r in rows], adjust=adjust)
+    params = [None if r is None else r[0] for r in rows]
+    rs = RowSampling.from_params(params, generated, adjust=adjust)
     assert np.asarray(sample_rows(jnp.asarray(logits), rs)).tolist() == np.argmax(
         [logits[3] if r is None else _reference_adjust(logits[i], *r, (0, 1)) for i, r in
          enumerate(rows)], -1).tolist()  # fmt: skip
@@ -150,6 +181,32 @@ def test_penalties_and_bias_in_the_engine_equal_a_host_reference_decode(engine):
     engine.run_until_idle()
     assert r.output == reference_adjusted_greedy(p, "a3", sp)
     assert EOS_ID not in r.output[:5]
+
+
+def test_penalised_rows_share_batches_survive_preemption_and_free_their_slot():
+    """The device state per row: penalised and plain rows in one batch, a penalised row
+    preempted and prefilled again mid-way, a plain request taking the slot a penalised
+    one left: each output equals its own reference decode."""
+    eng = make_engine(policy="unmerged", slots=2, max_prefill_rows=1)
+    ps = prompts(4, 60)
+    sp_a = SamplingParams(max_tokens=9, ignore_eos=True, presence_penalty=1.5,
+                          frequency_penalty=0.5, repetition_penalty=1.3)  # fmt: skip
+    sp_c = SamplingParams(max_tokens=6, ignore_eos=True, logit_bias=((9, 4.0),),
+                          frequency_penalty=2.0)  # fmt: skip
+    a = eng.submit(Request(ps[0], sp_a, adapter="a1"))
+    b = eng.submit(Request(ps[1], _greedy(3), adapter="a2"))
+    for _ in range(4):
+        eng.step()
+    eng.preempt(a)
+    c = eng.submit(Request(ps[2], sp_c))
+    eng.run_until_idle()
+    d = eng.submit(Request(ps[3], _greedy(6), adapter="a1"))  # a slot a penalised row held
+    eng.run_until_idle()
+    assert a.preemptions == 1
+    assert a.output == reference_adjusted_greedy(ps[0], "a1", sp_a)
+    assert c.output == reference_adjusted_greedy(ps[2], None, sp_c)
+    assert b.output == reference_greedy(ps[1], "a2", 3)
+    assert d.output == reference_greedy(ps[3], "a1", 6)
 
 
 def reference_adjusted_greedy(prompt, adapter, sp) -> list[int]:

@@ -275,7 +275,7 @@ def sampling_params(
         raise ApiError(400, f"'{name}'={mt} is too large: this server's context is {limit}", name)
     stop_ids = token_ids(body.get("stop_token_ids") or [], "stop_token_ids", vocab_size)
     logprobs = _logprobs(body, chat)
-    seed = _num(body, "seed", None, int, 0, (1 << 63) - 1)
+    seed = _num(body, "seed", None, int, -(1 << 63), (1 << 63) - 1)  # vLLM: any int64
     min_tokens = _num(body, "min_tokens", 0, int, 0, 1 << 30)
     if min_tokens > (limit if mt is None else mt):
         raise ApiError(400, f"'min_tokens'={min_tokens} must be <= '{name}'", "min_tokens")
@@ -283,7 +283,7 @@ def sampling_params(
         max_tokens=limit if mt is None else mt,
         temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
         top_p=_num(body, "top_p", 1.0, float, 1e-9, 1.0),
-        top_k=_num(body, "top_k", 0, int, 0, 1 << 20),
+        top_k=max(_num(body, "top_k", 0, int, -1, 1 << 20), 0),  # vLLM's -1: off, as 0
         seed=secrets.randbits(63) if seed is None else seed,  # no seed: a fresh draw
         stop_token_ids=tuple(stop_ids),
         ignore_eos=flag(body, "ignore_eos"),

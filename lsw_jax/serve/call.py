@@ -186,17 +186,20 @@ class Call:
         n = self.job.n
         sent = [0] * len(self.reqs)  # characters sent per choice (text_offset)
         tokens = [0] * len(self.reqs)  # completion tokens received per choice
+        echoed = [not self.job.echo] * len(self.reqs)
         try:
-            for k, req in enumerate(self.reqs):
-                if self.job.chat:
+            if self.job.chat:
+                for k in range(len(self.reqs)):
                     yield self._chunk(k, None, None, role=True)
-                elif self.job.echo:  # the prompt first, with its log-probabilities
-                    text = self._prompt_text(k // n)
-                    lp = self._logprobs(req, [], prompt=k // n, offset=0)
-                    sent[k] = len(text)
-                    yield self._chunk(k, text, None, lp)
             async for k, update in self.updates():
                 req = self.reqs[k]
+                if not echoed[k]:  # the prompt first, once prefill has scored it
+                    echoed[k] = True
+                    if req.finish_reason != "error":
+                        text = self._prompt_text(k // n)
+                        lp = self._logprobs(req, [], prompt=k // n, offset=0)
+                        sent[k] = len(text)
+                        yield self._chunk(k, text, None, lp)
                 tokens[k] += len(update.tokens)
                 if update.finished:
                     if req.finish_reason == "error":
@@ -271,5 +274,5 @@ class Call:
 def _choice_seed(seed: int, j: int) -> int:
     """Choice j's seed (j >= 1), derived from the request's: choices sample apart, and the
     same request gives the same choices."""
-    a, b = np.random.SeedSequence([seed, j]).generate_state(2, np.uint32).tolist()
+    a, b = np.random.SeedSequence([seed % (1 << 64), j]).generate_state(2, np.uint32).tolist()
     return (a << 31 | b >> 1) % (1 << 63)

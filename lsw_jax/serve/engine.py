@@ -197,6 +197,10 @@ class Engine:
         self._unmerged: Any = None  # the pool's FusedBanks, per layer
         self._merged: MergedWeights | None = None
         self.cache = self._empty_cache()
+        # Every row's logit adjustments (penalties, logit_bias, min_tokens) on the device,
+        # written at admission, counted in each step: nothing [slots, V] per step from here.
+        self.logit_state = LogitAdjust.identity(slots, cfg.vocab_size)
+        self._no_adjust: dict[int, LogitAdjust] = {}  # prefill rows -> an identity chunk
         self.rows: list[Request | None] = [None] * slots
         self._inbox: collections.deque = collections.deque()
         # Guards the inbox, the scheduler's queues and finishing: submit/cancel come from
@@ -349,16 +353,13 @@ class Engine:
             for r in self.prefill_rows:
                 args = self._prefill_args([], p, r)
                 if p * r <= run_tokens:
-                    _, _, _, self.cache = steps.prefill_insert(*args, **static)
+                    _, _, _, self.logit_state, self.cache = steps.prefill_insert(*args, **static)
                 elif _compile_cache_on():  # without a cache, a compile-only is lost
                     steps.prefill_insert.lower(*args, **static).compile()
         idle = ([None] * self.slots, np.zeros((self.slots,), np.int32))
-        if self.pool is None:
-            self._run_decode(*idle, Plan.DENSE, None)
-            return
-        self._run_decode(*idle, Plan.UNMERGED, self._unmerged)
-        if self.scheduler.policy != "unmerged":  # merged steps: base weights, and an adapter's
-            self._run_decode(*idle, Plan.MERGED, None)
+        for mode in self.scheduler.modes:  # base weights ("") in every mode the policy picks
+            self._run_decode(*idle, *self._plan_weights(mode, ""))
+        if self.pool is not None and "merged" in self.scheduler.modes:  # an adapter merged
             self._merged = steps.create_merged(self.graphdef, self.state, self._unmerged)
             selection = (jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32))
             self._merged = steps.switch_merged(self._merged, selection)  # gate 0: nothing merged
@@ -410,13 +411,14 @@ class Engine:
             if not req.finished:
                 req.error = f"{type(error).__name__}: {error}"
                 self._finish(req, "error")
-        if any(x.is_deleted() for x in jax.tree.leaves(self.cache)):
+        if any(x.is_deleted() for x in jax.tree.leaves((self.cache, self.logit_state))):
             # The failed call consumed the donated cache: the other rows lost their KV.
             # They return to their queues with their tokens and are prefilled again.
             with self._cond:
                 for req in [r for r in self.rows if r is not None]:
                     self._preempt(req)
             self.cache = self._empty_cache()
+            self.logit_state = LogitAdjust.identity(self.slots, self.cfg.vocab_size)
 
     def preempt(self, req: Request) -> None:
         """Return a running request to the front of its queue (it keeps its tokens)."""
@@ -529,18 +531,19 @@ class Engine:
             self._unmerged,
             self._tables,
             self.cache,
+            self.logit_state,
             jnp.asarray(ids),
             jnp.asarray(lens),
             jnp.asarray(rows),
             self._adapter_slots(chunk, r),
-            self._sampling(chunk, r),
+            self._sampling(chunk, r, self._chunk_adjust(chunk, r)),
         )
 
     def _prefill(self, chunk: list[Request], p: int, r: int) -> None:
         n_lp = logprob_bucket(self._max_logprobs(chunk))
         # Prompt log-probabilities once per request (not again when resumed).
         want_prompt = [req.params.prompt_logprobs and req.prompt_logprobs is None for req in chunk]
-        tok, lp, prompt_lp, self.cache = steps.prefill_insert(
+        tok, lp, prompt_lp, self.logit_state, self.cache = steps.prefill_insert(
             *self._prefill_args(chunk, p, r),
             k_max=self._k_max,
             num_logprobs=n_lp,
@@ -568,15 +571,22 @@ class Engine:
                 slots[i] = req.adapter_slot
         return jnp.asarray(slots)
 
-    def _sampling(self, reqs: list[Request | None], n: int) -> RowSampling:
-        reqs = list(reqs) + [None] * (n - len(reqs))
-        adjust = None
-        if any(r is not None and r.params.adjusts_logits for r in reqs):
-            adjust = LogitAdjust.build(
-                [None if r is None else (r.params, r.prompt, r.output) for r in reqs],
-                self.cfg.vocab_size,
-                self.eos,
+    def _chunk_adjust(self, chunk: list[Request], r: int) -> LogitAdjust:
+        """The logit adjustments of a prefill chunk's ``r`` rows (built on the host once
+        per admission; a shared identity when no row asks)."""
+        if any(req.params.adjusts_logits for req in chunk):
+            rows = [(req.params, req.prompt, req.output) for req in chunk]
+            return LogitAdjust.build(
+                rows + [None] * (r - len(chunk)), self.cfg.vocab_size, self.eos
             )
+        if r not in self._no_adjust:
+            self._no_adjust[r] = LogitAdjust.identity(r, self.cfg.vocab_size)
+        return self._no_adjust[r]
+
+    def _sampling(
+        self, reqs: list[Request | None], n: int, adjust: LogitAdjust | None = None
+    ) -> RowSampling:
+        reqs = list(reqs) + [None] * (n - len(reqs))
         return RowSampling.from_params(
             [None if r is None else r.params for r in reqs],
             [0 if r is None else len(r.output) for r in reqs],
@@ -601,6 +611,16 @@ class Engine:
         self.scheduler.merged_adapter = adapter
         return self._merged
 
+    def _plan_weights(self, mode: str, adapter: str | None) -> tuple[Plan, Any]:
+        """The decode plan and its weights for a step the scheduler gave ``mode`` (merged:
+        ``adapter``'s weights, "" or None the base's): the one choice that decode and
+        warm-up share, so warm-up compiles exactly what serving runs."""
+        if self.pool is None:
+            return Plan.DENSE, None  # no adapters: merged or not, plain products
+        if mode == "merged":
+            return Plan.MERGED, self._switch_merged(adapter or "")
+        return Plan.UNMERGED, self._unmerged
+
     def _decode(self, plan: StepPlan) -> None:
         self._sync_state()
         run = set(id(r) for r in plan.run)
@@ -611,13 +631,7 @@ class Engine:
         for i, req in enumerate(self.rows):
             if req is not None:
                 positions[i] = req.num_tokens_total - 1  # slot of the last (not yet fed) token
-        if plan.mode == "merged":
-            weights, mode = self._switch_merged(plan.adapter or ""), Plan.MERGED
-        elif self.pool is None:
-            weights, mode = None, Plan.DENSE  # no adapters: plain products
-        else:
-            weights, mode = self._unmerged, Plan.UNMERGED
-        nxt, lp = self._run_decode(reqs, positions, mode, weights)
+        nxt, lp = self._run_decode(reqs, positions, *self._plan_weights(plan.mode, plan.adapter))
         self.stats[f"steps_{plan.mode}"] += 1
         live = [r for r in reqs if r is not None]
         self._emit(live, nxt[[r.row for r in live]], lp, [r.row for r in live])
@@ -628,12 +642,13 @@ class Engine:
         """One decode step over all rows (``reqs[b]``: the request row b runs, or None)."""
         active = np.asarray([r is not None for r in reqs])
         tokens = np.asarray([0 if r is None else r.output[-1] for r in reqs], np.int32)
-        nxt, lp, self.cache = steps.decode_rows(
+        nxt, lp, self.logit_state, self.cache = steps.decode_rows(
             self.graphdef,
             self.state,
             weights,
             self._tables,
             self.cache,
+            self.logit_state,
             jnp.asarray(tokens),
             jnp.asarray(positions),
             jnp.asarray(active),

@@ -171,6 +171,12 @@ class Scheduler:
         heads = [(q[0]._sched_order, k) for k, q in self.queues.items() if q]
         return [k for _, k in sorted(heads)]
 
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes a step may run in under this policy (rows merged mode cannot serve
+        run unmerged under every policy)."""
+        return ("unmerged",) if self.policy == "unmerged" else MODES
+
     def _choose_mode(self, work: collections.Counter, m: str, running: list[Any]) -> str:
         if not self.mergeable(m):  # e.g. LoRA-Switch rows: each token its own experts
             return "unmerged"

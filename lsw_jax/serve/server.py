@@ -69,6 +69,7 @@ from lsw_jax.serve.openai_format import (
 
 try:  # the HTTP stack is optional: hosts that only generate (the GPU machines) lack it
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -211,7 +212,19 @@ class Server:
             self.engine.stop()
             self._workers.shutdown(wait=False, cancel_futures=True)
 
-        return Starlette(routes=routes, lifespan=lifespan)
+        async def http_error(request, exc: HTTPException) -> Response:
+            """Starlette's own answers (404 no such route, 405 wrong method) as JSON errors."""
+            what = f"{request.method} {request.url.path}"
+            message = {404: f"no route {request.url.path}", 405: f"{what}: method not allowed"}
+            response = error_response(
+                ApiError(exc.status_code, message.get(exc.status_code, exc.detail))
+            )
+            response.headers.update(exc.headers or {})  # 405: Allow
+            return response
+
+        return Starlette(
+            routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
+        )
 
     # ------------------------------------------------------------------ helpers
     def _check_auth(self, request) -> None:

@@ -45,7 +45,7 @@ def _logprobs_or_none(logits: Array, tokens: Array, n: int) -> TokenLogprobs | N
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "plan", "k_max", "num_logprobs"),
-    donate_argnames=("cache",),
+    donate_argnames=("cache", "logit_state"),
 )
 def decode_rows(
     graphdef,
@@ -53,6 +53,7 @@ def decode_rows(
     weights,
     tables,
     cache,
+    logit_state,
     tokens,
     positions,
     active,
@@ -64,8 +65,10 @@ def decode_rows(
     num_logprobs=0,
 ):
     """One token for every row: tokens/positions/active/rows [B] (rows: each row's adapter
-    base slot, -1 none); rs: RowSampling; weights: the plan's (merged: already switched).
-    Returns (next tokens [B], their TokenLogprobs (top ``num_logprobs``) or None, cache)."""
+    base slot, -1 none); rs: RowSampling without ``adjust``: the rows' logit adjustments
+    are ``logit_state`` (donated); weights: the plan's (merged: already switched). Returns
+    (next tokens [B], their TokenLogprobs (top ``num_logprobs``) or None, logit_state with
+    the active rows' tokens counted, cache)."""
     TRACE_COUNTS[f"decode_{plan.value}"] += 1
     model = nnx.merge(graphdef, state)
     cache = dataclasses.replace(cache, index=positions)  # row b writes its slot positions[b]
@@ -81,14 +84,17 @@ def decode_rows(
         routing=router,
     )
     logits = out.logits[:, 0]
-    tok = sample_rows(logits, rs)
-    return tok, _logprobs_or_none(logits, tok, num_logprobs), out.cache
+    # Rows not running (free, parked) may hold a finished request's state: skip them.
+    running = dataclasses.replace(logit_state, on=logit_state.on & active)
+    tok = sample_rows(logits, dataclasses.replace(rs, adjust=running))
+    logit_state = logit_state.counted(tok, active)
+    return tok, _logprobs_or_none(logits, tok, num_logprobs), logit_state, out.cache
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "k_max", "num_logprobs", "prompt_logprobs"),
-    donate_argnames=("cache",),
+    donate_argnames=("cache", "logit_state"),
 )
 def prefill_insert(
     graphdef,
@@ -96,6 +102,7 @@ def prefill_insert(
     weights,
     tables,
     cache,
+    logit_state,
     ids,
     lens,
     rows,
@@ -108,9 +115,10 @@ def prefill_insert(
 ):
     """Prefill ``ids [R, P]`` (right-padded, ``lens [R]``) into a fresh cache (unmerged: each
     row its own adapter, ``slots [R]``), sample each row's next token and copy the rows
-    into ``cache`` rows ``rows [R]`` (rows >= B: padding rows, dropped). Returns
-    (tokens [R], their TokenLogprobs or None, the prompt's TokenLogprobs ``[R, P-1]`` of
-    ids[:, 1:] or None, cache)."""
+    into ``cache`` rows ``rows [R]`` (rows >= B: padding rows, dropped); the rows' logit
+    adjustments (``rs.adjust``, sampled token counted) go into ``logit_state`` (donated)
+    the same way. Returns (tokens [R], their TokenLogprobs or None, the prompt's
+    TokenLogprobs ``[R, P-1]`` of ids[:, 1:] or None, logit_state, cache)."""
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, state)
     r, p = ids.shape
@@ -149,7 +157,8 @@ def prefill_insert(
             for c, x in zip(state, out.cache.router_state, strict=True)
         )
     lp = _logprobs_or_none(last, tok, num_logprobs)
-    return tok, lp, prompt_lp, KVCache(k, v, valid, cache.index, state)
+    logit_state = logit_state.with_rows(rows, rs.adjust.counted(tok, jnp.ones_like(lens, bool)))
+    return tok, lp, prompt_lp, logit_state, KVCache(k, v, valid, cache.index, state)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
