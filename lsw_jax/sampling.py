@@ -6,9 +6,9 @@ engine and the server.
 logit adjustments (``LogitAdjust``: logit bias, ``min_tokens``, repetition / presence /
 frequency penalties), temperature, top-k, top-p and PRNG key, so a row's samples do not
 depend on the batch it shares. It never sorts the vocabulary: top-k / top-p cuts come from
-XLA's top-k over a few candidates or an exact bisection (``cutoffs``), and the draw is an
-inverse CDF at one uniform per row (``draw_above``); a sampled row costs about what a
-greedy one does. ``token_logprobs`` gives the log-probabilities of the chosen
+XLA's top-k over 256 candidates or, beyond them, an exact bucketed search (``cutoffs``),
+and the draw is an inverse CDF at one uniform per row (``draw_above``); a sampled row costs
+about what a greedy one does (scripts/bench_sampling.py). ``token_logprobs`` gives the log-probabilities of the chosen
 tokens and the top-N alternatives in the same step, from the RAW model logits (before any
 adjustment, temperature, top-k or top-p: vLLM's default, ``logprobs_mode="raw_logprobs"``).
 """
@@ -285,12 +285,12 @@ def cutoffs(x: Array, rs: RowSampling) -> Array:
     the k largest (ties with the k-th included); top-p then keeps the smallest prefix of
     those, most likely first, whose probability (renormalised over them) reaches top_p
     (``cutoffs_reference`` says it with a sort). Found among the ``CANDIDATES`` largest
-    logits (XLA's top-k: no sort); where a row's cut lies beyond them, by bisection over
-    the logits' order (``_cutoffs_by_bisection``, 64 passes over [B, V], exact)."""
+    logits (XLA's top-k: no sort); a row whose cut lies beyond them takes
+    ``_cut_beyond_candidates`` (bisections, exact)."""
     top_k, wants = _wants_cut(x, rs)
     k = min(CANDIDATES, x.shape[-1])
 
-    def from_candidates(_):
+    def from_candidates():
         c = jax.lax.top_k(x, k)[0]  # [B, k] most likely first
         kth = jnp.take_along_axis(c, jnp.clip(top_k - 1, 0, k - 1)[:, None], axis=-1)[:, 0]
         kth = jnp.where(top_k > 0, kth, -jnp.inf)
@@ -302,16 +302,83 @@ def cutoffs(x: Array, rs: RowSampling) -> Array:
         at = jnp.sum(cum - p < rs.top_p[:, None], axis=-1) - 1
         p_cut = jnp.take_along_axis(c, jnp.clip(at, 0, k - 1)[:, None], axis=-1)[:, 0]
         cut = jnp.where(rs.top_p < 1.0, jnp.maximum(p_cut, kth), kth)
-        held = (top_k <= k) & ((rs.top_p >= 1.0) | (cum[:, -1] >= rs.top_p))
-        return jnp.where(wants, cut, -jnp.inf), jnp.all(held | ~wants)
+        held = ~wants | ((top_k <= k) & ((rs.top_p >= 1.0) | (cum[:, -1] >= rs.top_p)))
+        return jnp.where(wants, cut, -jnp.inf), held, c
 
     def cut(_):
-        fast, held = from_candidates(None)
-        slow = lambda _: _cutoffs_by_bisection(x, top_k, rs.top_p, wants)
-        return jax.lax.cond(held, lambda _: fast, slow, None)
+        fast, held, c = from_candidates()
+        slow = lambda _: _cut_beyond_candidates(x, top_k, rs.top_p, c, held)
+        return jax.lax.cond(jnp.all(held), lambda _: fast, slow, None)
 
     none = jnp.full(x.shape[:1], -jnp.inf, jnp.float32)
     return jax.lax.cond(jnp.any(wants), cut, lambda _: none, None)
+
+
+def _cut_beyond_candidates(
+    x: Array,
+    top_k: Array,
+    top_p: Array,
+    c: Array,
+    held: Array,
+    *,
+    bins: int = 4096,
+    finish: int = 128,
+) -> Array:
+    """``cutoffs`` for the rows not ``held`` by their candidates ``c [B, K]`` (the others'
+    results are not used). The k-th largest logit, where k > K: by bisection on the
+    logits' order (32 passes over [B, V], only when some row asks). The top-p cut, the
+    largest logit t whose mass ``M(t) = sum(w[x >= t])`` reaches ``need = top_p *
+    sum(w)``: the logits in [lo, hi) (lo the smallest kept, hi the K-th candidate: the cut
+    lies below it) go into ``bins`` buckets of equal width, whose masses (one segment sum)
+    name the bucket holding the cut: the binning is monotone in x, so the mass above a
+    bucket is exact. Its logits are ranked by XLA's top-k (``finish`` of them at most;
+    more: 32 passes on the order). Chosen by timing on XLA's CPU ([8, 49152], top_p 0.9):
+    4.0 ms against 11.8 for 64 passes on the order (1,024 buckets: 10.8, too many
+    logits left per bucket)."""
+    b, k = c.shape
+    kth = jnp.take_along_axis(c, jnp.clip(top_k - 1, 0, k - 1)[:, None], axis=-1)[:, 0]
+    kth = jnp.where(top_k > 0, kth, -jnp.inf)
+    keys = _order_key(x)
+    beyond = ~held & (top_k > k)
+
+    def kth_by_bisection(_):
+        t = _largest_key(keys, lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= top_k)
+        return jnp.where(beyond, _from_order_key(t), kth)
+
+    kth = jax.lax.cond(jnp.any(beyond), kth_by_bisection, lambda _: kth, None)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    w = jnp.where(x >= kth[:, None], jnp.exp(x - top), 0.0)
+    need = top_p * jnp.sum(w, axis=-1)  # [B]
+    lo = jnp.min(jnp.where(w > 0, x, jnp.inf), axis=-1)  # M(lo) = sum(w) >= need
+    hi = c[:, -1]
+    m_hi = jnp.sum(jnp.where(x >= hi[:, None], w, 0.0), axis=-1)
+    at_hi = m_hi >= need  # ties of the K-th candidate beyond the candidates: the cut is it
+    inside = (x >= lo[:, None]) & (x < hi[:, None])
+    scale = bins / jnp.maximum(hi - lo, jnp.finfo(jnp.float32).tiny)
+    bucket = jnp.clip(jnp.floor((x - lo[:, None]) * scale[:, None]), 0, bins - 1).astype(jnp.int32)
+    bucket = jnp.where(inside, bucket, bins)  # [B, V]; bins: not in [lo, hi)
+    ids = bucket + (bins + 1) * jnp.arange(b)[:, None]
+    mass = jax.ops.segment_sum(w.ravel(), ids.ravel(), num_segments=b * (bins + 1))
+    mass = mass.reshape(b, bins + 1)[:, :bins]
+    above = m_hi[:, None] + jnp.cumsum(mass[:, ::-1], axis=-1)[:, ::-1]  # M(bucket j's least)
+    j = jnp.maximum(jnp.sum(above >= need[:, None], axis=-1) - 1, 0)  # the cut's bucket
+    nxt = jnp.take_along_axis(above, jnp.minimum(j + 1, bins - 1)[:, None], axis=-1)[:, 0]
+    m_above = jnp.where(j + 1 < bins, nxt, m_hi)  # mass above the cut's bucket
+    in_bucket = bucket == j[:, None]
+    finish = min(finish, x.shape[-1])
+    left = jax.lax.top_k(jnp.where(in_bucket, x, -jnp.inf), finish)[0]  # [B, finish]
+    cum = m_above[:, None] + jnp.cumsum(jnp.exp(left - top), axis=-1)
+    n_in = jnp.sum(in_bucket, axis=-1)
+    at = jnp.minimum(jnp.sum(cum < need[:, None], axis=-1), jnp.maximum(n_in - 1, 0))
+    p_cut = jnp.where(at_hi, hi, jnp.take_along_axis(left, at[:, None], axis=-1)[:, 0])
+    overflow = ~held & (top_p < 1.0) & ~at_hi & (n_in > finish)
+
+    def p_cut_by_bisection(_):
+        t = _largest_key(keys, lambda t: jnp.sum(jnp.where(keys >= t[:, None], w, 0.0), -1) >= need)
+        return jnp.where(overflow, _from_order_key(t), p_cut)
+
+    p_cut = jax.lax.cond(jnp.any(overflow), p_cut_by_bisection, lambda _: p_cut, None)
+    return jnp.where(top_p < 1.0, jnp.maximum(p_cut, kth), kth)
 
 
 def _order_key(x: Array) -> Array:
@@ -340,18 +407,6 @@ def _largest_key(keys: Array, holds: Callable[[Array], Array]) -> Array:
 
     bounds = (jnp.min(keys, axis=-1), jnp.max(keys, axis=-1))
     return jax.lax.fori_loop(0, 32, halve, bounds)[0]
-
-
-def _cutoffs_by_bisection(x: Array, top_k: Array, top_p: Array, wants: Array) -> Array:
-    keys = _order_key(x)
-    kth = _largest_key(keys, lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= top_k)
-    kth = jnp.where(top_k > 0, kth, jnp.uint32(0))
-    w = jnp.where(keys >= kth[:, None], jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0)
-    need = top_p * jnp.sum(w, axis=-1)
-    mass_above = lambda t: jnp.sum(jnp.where(keys >= t[:, None], w, 0.0), axis=-1)
-    p_cut = _largest_key(keys, lambda t: mass_above(t) >= need)
-    cut = _from_order_key(jnp.where(top_p < 1.0, jnp.maximum(p_cut, kth), kth))
-    return jnp.where(wants, cut, -jnp.inf)
 
 
 def cutoffs_reference(x: Array, rs: RowSampling) -> Array:

@@ -19,6 +19,7 @@ Writes ``docs/figures/bench_logprobs.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -47,35 +48,56 @@ MODES = {
 }
 
 
-def decode_rate(eng: Engine, mode: str, prompt: int, tokens: int) -> float:
-    """Decode tokens/s of one round (after the step that admits and prefills)."""
+def decode_rates(eng: Engine, rows: list[SamplingParams], prompt: int) -> tuple[float, float]:
+    """One round: a request per row with ``rows[i]``'s settings (``--prompt`` random
+    tokens), one step (admission, prefill, the first decode), then the rest of the decode
+    timed. Returns (decode tokens/s, median seconds per decode step)."""
     rng = np.random.default_rng(0)
-    reqs = []
-    for i in range(eng.slots):
-        sp = SamplingParams(max_tokens=tokens, ignore_eos=True, logprobs=MODES[mode](i))
-        ids = rng.integers(100, 40000, prompt).tolist()
-        reqs.append(eng.submit(Request(ids, sp)))
+    reqs = [eng.submit(Request(rng.integers(100, 40000, prompt).tolist(), sp)) for sp in rows]
     eng.step()
     before = sum(len(r.output) for r in reqs)
+    step_s = []
     t0 = time.perf_counter()
-    eng.run_until_idle()
+    while eng.has_work():
+        t = time.perf_counter()
+        eng.step()
+        step_s.append(time.perf_counter() - t)
     seconds = time.perf_counter() - t0
-    assert all(len(r.output) == tokens for r in reqs)
-    if mode != "off":
-        assert all(len(r.logprobs) == tokens for r in reqs if r.params.logprobs is not None)
-    return (sum(len(r.output) for r in reqs) - before) / seconds
+    assert all(len(r.output) == r.params.max_tokens for r in reqs)
+    assert all(len(r.logprobs) == len(r.output) for r in reqs if r.params.logprobs is not None)
+    return (sum(len(r.output) for r in reqs) - before) / seconds, statistics.median(step_s)
+
+
+def interleaved(
+    eng: Engine, modes: dict[str, list[SamplingParams]], prompt: int, repeats: int
+) -> dict[str, list[tuple[float, float]]]:
+    """Each mode's ``decode_rates`` over ``repeats`` rounds, after one round of 4 tokens
+    per mode (compiles whatever it needs); the modes take turns, their order reversed
+    every other round, so drift and load from other processes hit them alike."""
+    short = lambda rows: [dataclasses.replace(sp, max_tokens=4) for sp in rows]
+    for rows in modes.values():
+        decode_rates(eng, short(rows), prompt)
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    for r in range(repeats):
+        for mode in list(modes) if r % 2 == 0 else list(modes)[::-1]:
+            runs[mode].append(decode_rates(eng, modes[mode], prompt))
+    return runs
 
 
 def bench(ckpt: Path, slots: int, max_len: int, prompt: int, tokens: int, repeats: int) -> dict:
     model = lsw_jax.load_model(ckpt, dtype="float32")
     eng = Engine(model, slots=slots, max_len=max_len, max_prefill_rows=slots)
-    for mode in MODES:  # compile every variant first
-        decode_rate(eng, mode, prompt, 4)
-    rates: dict[str, list[float]] = {m: [] for m in MODES}
-    for r in range(repeats):
-        order = list(MODES) if r % 2 == 0 else list(MODES)[::-1]
-        for mode in order:
-            rates[mode].append(decode_rate(eng, mode, prompt, tokens))
+    modes = {
+        mode: [
+            SamplingParams(max_tokens=tokens, ignore_eos=True, logprobs=n_of(i))
+            for i in range(slots)
+        ]
+        for mode, n_of in MODES.items()
+    }
+    rates = {
+        m: [rate for rate, _ in runs]
+        for m, runs in interleaved(eng, modes, prompt, repeats).items()
+    }
     off = rates["off"]
     return {
         mode: {

@@ -85,6 +85,27 @@ def test_cutoffs_past_the_candidates_take_the_bisection_and_stay_exact():
     np.testing.assert_allclose(got, [_numpy_cut(x[i], sp) for i, sp in enumerate(rows)], rtol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["cluster", "ties"])
+def test_cutoffs_exact_where_the_value_halvings_cannot_separate(case):
+    """Thousands of logits within 1e-4 of each other where the nucleus ends (more than
+    the candidates left after the halvings: the order bisection finishes it), and ties of
+    the K-th candidate reaching past the candidates (the cut is that value)."""
+    v = 6000
+    rng = np.random.default_rng(7)
+    x = rng.normal(-3.0, 0.3, (2, v)).astype(np.float32)
+    if case == "cluster":
+        x[:, :3000] = (1.0 + 1e-4 * rng.random((2, 3000))).astype(np.float32)
+    else:
+        x[:, :100] = 3.0
+        x[:, 100:2000] = 1.0  # the 256th largest, tied 1900 times
+    rows = [SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=1.0, top_p=0.97)]
+    rs = RowSampling.from_params(rows)
+    got = np.asarray(jax.jit(cutoffs)(jnp.asarray(x), rs))
+    np.testing.assert_array_equal(got, np.asarray(jax.jit(cutoffs_reference)(jnp.asarray(x), rs)))
+    kept = (x >= got[:, None]).sum(-1)
+    assert np.all(kept > sampling.CANDIDATES)  # both rows beyond the candidates
+
+
 def test_order_keys_keep_the_order_of_floats_and_invert():
     x = np.array([-np.inf, -3e38, -1.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 3e38, np.inf], np.float32)
     keys = np.asarray(sampling._order_key(jnp.asarray(x)))
