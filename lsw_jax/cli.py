@@ -22,6 +22,7 @@ import numpy as np
 
 from lsw_jax.adapters.store import list_adapters, save_adapter
 from lsw_jax.checkpoint import DestinationExists, check_checkpoint_dir
+from lsw_jax.cli_args import float_dtype, float_in, int_at_least, int_in
 from lsw_jax.config import AdapterConfig
 from lsw_jax.convert import convert_checkpoint
 from lsw_jax.convert.gguf import shipped_smollm2_gguf
@@ -30,7 +31,9 @@ from lsw_jax.data import load_documents, read_multiple_choice
 from lsw_jax.decode import generate
 from lsw_jax.evaluate import multiple_choice, perplexity
 from lsw_jax.loading import load_model, load_tokenizer, sharded_load_model
+from lsw_jax.model.layers import FLOAT_DTYPES
 from lsw_jax.plans import PLANS
+from lsw_jax.sampling import MAX_TEMPERATURE
 from lsw_jax.serve.server import HttpLimits, build_server, run_server
 from lsw_jax.sharding import MeshConfig
 from lsw_jax.train import TrainConfig, Trainer
@@ -245,36 +248,50 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
 
 
 CKPT_HELP = "checkpoint directory (made by `lsw-jax convert`)"
+DTYPE_HELP = f"compute dtype, one of {', '.join(FLOAT_DTYPES)} (default: float32 CPU, bfloat16 GPU)"
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=int_at_least(1),
         default=max_new_tokens,
         help="most tokens to generate (default %(default)s); the answer may end sooner, at EOS",
     )
     p.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy (default)"
+        "--temperature",
+        type=float_in(0.0, MAX_TEMPERATURE),
+        default=0.0,
+        help="sampling temperature; 0: greedy (default)",
     )
     p.add_argument(
-        "--top-k", type=int, default=0, help="sample from the K likeliest tokens; 0: all (default)"
+        "--top-k",
+        type=int_at_least(0),
+        default=0,
+        help="sample from the K likeliest tokens; 0: all (default)",
     )
     p.add_argument(
         "--top-p",
-        type=float,
+        type=float_in(0.0, 1.0, lo_open=True),
         default=1.0,
         help="nucleus sampling: the likeliest tokens holding P of the mass (default %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default %(default)s)")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: fp32 CPU, bf16 GPU)")
+    p.add_argument(
+        "--seed", type=int_at_least(0), default=0, help="seed of the sampling (default %(default)s)"
+    )
+    p.add_argument("--dtype", type=float_dtype, default=None, help=DTYPE_HELP)
 
 
 def _add_generation_commands(sub: Any) -> None:
     p = sub.add_parser("convert", help="HF folder or .gguf -> Orbax checkpoint")
     p.add_argument("src", help="HF model folder (config.json + safetensors) or a .gguf file")
     p.add_argument("dst", help="checkpoint directory to write")
-    p.add_argument("--dtype", default=None, help="store weights in this dtype (e.g. bfloat16)")
+    p.add_argument(
+        "--dtype",
+        type=float_dtype,
+        default=None,
+        help=f"store weights in this dtype ({', '.join(FLOAT_DTYPES)}; default: the source's)",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace DST when it is an lsw-jax checkpoint"
     )
@@ -320,14 +337,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
         overrides["data"] = args.data
     if args.config:
         cfg = TrainConfig.from_file(args.config, **overrides)
+        if args.kind is not None:  # a flag beside --config overrides the file
+            cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, kind=args.kind))
     else:
         raw = {k: v for k, v in overrides.items() if v is not None}
-        raw["adapter"] = {"kind": args.kind}
+        raw["adapter"] = {"kind": args.kind or "switch"}
         cfg = TrainConfig.from_dict(raw)
     trainer = Trainer(cfg, mesh=args.device_mesh, verify_checksums=args.verify_checksums)
     trainer.run()
     trainer.finish()
-    print(f"trained {cfg.adapter.kind} adapter -> {cfg.out_dir}")
+    print(
+        f"trained {cfg.adapter.kind} adapter -> {cfg.out_dir} (use it with --adapter "
+        f"{cfg.out_dir}{', or --adapter ' + cfg.adapter_name if cfg.adapter_name else ''})"
+    )
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -358,21 +380,31 @@ def _add_training_commands(sub: Any) -> None:
     )
     p.add_argument(
         "--kind",
-        default="switch",
+        default=None,
         choices=["switch", "mola", "lora"],
         help="switch: LoRA-Switch, one router for all layers (default); mola: per-layer "
-        "routers; lora: one plain LoRA. Ignored with --config (the file's adapter applies)",
-    )
-    p.add_argument("--steps", type=int, help=f"optimizer steps (default {train['steps']})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {train['lr']})")
-    p.add_argument(
-        "--batch-size", type=int, help=f"sequences per step (default {train['batch_size']})"
+        "routers; lora: one plain LoRA. With --config: replaces the file's adapter kind",
     )
     p.add_argument(
-        "--seq-len", type=int, help=f"tokens per training sequence (default {train['seq_len']})"
+        "--steps", type=int_at_least(1), help=f"optimizer steps (default {train['steps']})"
     )
     p.add_argument(
-        "--seed", type=int, help=f"adapter init and data order (default {train['seed']})"
+        "--lr", type=float_in(0.0, lo_open=True), help=f"peak learning rate (default {train['lr']})"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        help=f"sequences per step (default {train['batch_size']})",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int_at_least(2),
+        help=f"tokens per training sequence (default {train['seq_len']})",
+    )
+    p.add_argument(
+        "--seed",
+        type=int_at_least(0),
+        help=f"adapter init and data order (default {train['seed']})",
     )
     p.add_argument("--adapter-name", help="also store the adapter in CKPT/adapters/NAME")
     p.set_defaults(func=_cmd_train)
@@ -384,11 +416,11 @@ def _add_training_commands(sub: Any) -> None:
     p.add_argument("--choices", help="JSONL of {question, choices, answer}")
     p.add_argument(
         "--max-len",
-        type=int,
+        type=int_at_least(1),
         default=512,
         help="tokens per scored window of --text (default %(default)s)",
     )
-    p.add_argument("--dtype", default=None, help="compute dtype (default: fp32 CPU, bf16 GPU)")
+    p.add_argument("--dtype", type=float_dtype, default=None, help=DTYPE_HELP)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -436,7 +468,10 @@ def _add_adapter_commands(sub: Any) -> None:
         "of a bank with a new, untrained router",
     )
     q.add_argument(
-        "--top-k", type=int, default=2, help="experts per token of a bank (default %(default)s)"
+        "--top-k",
+        type=int_at_least(1),
+        default=2,
+        help="experts per token of a bank (default %(default)s)",
     )
     q.add_argument(
         "--overwrite", action="store_true", help="replace a stored adapter of the same name"
@@ -508,7 +543,7 @@ def _add_serve_command(sub: Any) -> None:
         help="adapters to serve, each as model id NAME: a PEFT dir or a stored adapter",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--port", type=int_in(0, 65535), default=8000, help="port (default %(default)s)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("LSW_JAX_API_KEY"),
@@ -519,22 +554,28 @@ def _add_serve_command(sub: Any) -> None:
         action="store_true",
         help="listen on a non-loopback --host without an API key (refused otherwise)",
     )
-    p.add_argument("--slots", type=int, default=8, help="concurrent requests (batch rows)")
+    p.add_argument(
+        "--slots", type=int_at_least(1), default=8, help="concurrent requests (batch rows)"
+    )
     p.add_argument(
         "--max-len",
-        type=int,
+        type=int_at_least(2),
         default=None,
         help="tokens per request (prompt + output); default: the model's context",
     )
     p.add_argument(
         "--pool-slots",
-        type=int,
+        type=int_at_least(1),
         default=8,
         help="expert slots resident on the device (a plain LoRA takes 1, an E-expert bank E)",
     )
-    p.add_argument("--pool-rank", type=int, default=16, help="largest LoRA rank the pool holds")
-    p.add_argument("--pool-max-experts", type=int, default=8, help="largest expert bank")
-    p.add_argument("--pool-top-k", type=int, default=2, help="largest router top-k")
+    p.add_argument(
+        "--pool-rank", type=int_at_least(1), default=16, help="largest LoRA rank the pool holds"
+    )
+    p.add_argument(
+        "--pool-max-experts", type=int_at_least(1), default=8, help="largest expert bank"
+    )
+    p.add_argument("--pool-top-k", type=int_at_least(1), default=2, help="largest router top-k")
     p.add_argument(
         "--policy",
         default="adaptive",
@@ -553,41 +594,41 @@ def _add_serve_command(sub: Any) -> None:
         action="store_true",
         help="skip compiling the step shapes at start (they compile on first use)",
     )
-    p.add_argument("--dtype", default=None, help="compute dtype (default: fp32 CPU, bf16 GPU)")
+    p.add_argument("--dtype", type=float_dtype, default=None, help=DTYPE_HELP)
     limits = HttpLimits()
     p.add_argument(
         "--max-waiting",
-        type=int,
+        type=int_at_least(0),
         default=256,
         help="queued requests beyond the running ones; more get 429",
     )
     p.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=int_at_least(1),
         default=limits.max_body_bytes,
         help="larger request bodies get 413, before they are read",
     )
     p.add_argument(
         "--header-timeout",
-        type=float,
+        type=float_in(0.0, lo_open=True),
         default=limits.header_timeout_s,
         help="seconds a connection may take to send its request headers",
     )
     p.add_argument(
         "--body-timeout",
-        type=float,
+        type=float_in(0.0, lo_open=True),
         default=limits.body_timeout_s,
         help="seconds a request may take to send its body (408 after)",
     )
     p.add_argument(
         "--keep-alive-timeout",
-        type=float,
+        type=float_in(0.0, lo_open=True),
         default=limits.keep_alive_s,
         help="seconds an idle keep-alive connection stays open",
     )
     p.add_argument(
         "--max-connections",
-        type=int,
+        type=int_at_least(1),
         default=limits.max_connections,
         help="open connections/requests beyond this get 503",
     )
@@ -644,13 +685,13 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--num-processes",
-        type=int,
+        type=int_at_least(1),
         default=env("JAX_NUM_PROCESSES"),
         help="multi-host: how many processes (env JAX_NUM_PROCESSES)",
     )
     p.add_argument(
         "--process-id",
-        type=int,
+        type=int_at_least(0),
         default=env("JAX_PROCESS_ID"),
         help="multi-host: this process's rank, 0..N-1 (env JAX_PROCESS_ID)",
     )

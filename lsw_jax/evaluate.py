@@ -106,6 +106,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 def rolling_windows(ids: list[int], prefix: int, max_len: int) -> list[tuple[list[int], int]]:
     """Disjoint windows predicting every token of ``ids`` once: (window tokens, index from
     which its tokens are scored); the first window starts with ``prefix``."""
+    if max_len < 1:  # no window would advance
+        raise ValueError(f"max_len={max_len} must be >= 1")
     out = []
     n = min(max_len, len(ids))
     out.append(([prefix] + ids[: n - 1] + ids[n - 1 : n], 1))

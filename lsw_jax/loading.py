@@ -8,15 +8,13 @@ the adapter store. None of those imports this module.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 from flax import nnx
 
 from lsw_jax import sharding as sh
-from lsw_jax.adapters.store import list_adapters, load_adapter
+from lsw_jax.adapters.store import list_adapters, load_adapter, stored_adapter
 from lsw_jax.checkpoint import (
     StatePath,
     atomic_directory,
@@ -29,7 +27,7 @@ from lsw_jax.config import ModelConfig
 from lsw_jax.convert.hf import hf_key_table
 from lsw_jax.convert.peft import load_peft_adapter
 from lsw_jax.linears import checkpoint_axes, iter_checkpoint_tensors, set_checkpoint_tensors
-from lsw_jax.model.layers import default_dtype
+from lsw_jax.model.layers import default_dtype, float_dtype
 from lsw_jax.model.llama import LlamaModel
 from lsw_jax.tokenizer import Tokenizer
 
@@ -71,8 +69,8 @@ def load_model(
     (``checkpoint.CheckpointError`` naming the array and folder).
     """
     cfg = read_config(ckpt)
-    dtype = jnp.dtype(dtype or default_dtype())
-    param_dtype = jnp.dtype(param_dtype or dtype)
+    dtype = float_dtype(dtype) or default_dtype()
+    param_dtype = float_dtype(param_dtype) or dtype
     model = nnx.eval_shape(
         lambda: LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
     )
@@ -130,17 +128,20 @@ def save_model(model: Any, ckpt: str | Path, *, overwrite: bool = False) -> None
 
 
 def attach_saved_adapter(model: Any, ckpt: str | Path, adapter: str | Path) -> Any:
-    """``adapter`` is a PEFT directory (has adapter_config.json) or a stored adapter name."""
+    """``adapter`` is a PEFT directory (has adapter_config.json), a training run's folder
+    (``lsw-jax train --out``), a stored adapter's folder or a name stored in ``ckpt``."""
     path = Path(adapter)
     if (path / "adapter_config.json").exists():
         return load_peft_adapter(model, path)
-    if path.exists() or os.sep in str(adapter) or "/" in str(adapter):
+    where = stored_adapter(ckpt, adapter)
+    if where is None:
         stored = list_adapters(ckpt)
         raise FileNotFoundError(
-            f"{adapter}: not a PEFT adapter folder (no adapter_config.json there) and not "
-            f"an adapter stored in {ckpt} (stored: {', '.join(stored) or 'none'})"
+            f"{adapter}: not a PEFT adapter folder (no adapter_config.json there), a "
+            f"training run (no adapters/final) or an adapter stored in {ckpt} (stored: "
+            f"{', '.join(stored) or 'none'})"
         )
-    return load_adapter(model, ckpt, str(adapter))
+    return load_adapter(model, *where)
 
 
 def load_tokenizer(ckpt: str | Path, *, required: bool = False) -> Tokenizer | None:

@@ -30,6 +30,7 @@ from lsw_jax import sharding as sh
 from lsw_jax.adapters.lora import (
     LoRAParam,
     attach_adapter,
+    iter_linears,
     learned_routings,
     load_balancing_loss,
     router_z_loss,
@@ -40,6 +41,7 @@ from lsw_jax.checkpoint import CheckpointError, first_line, tree_checksums, veri
 from lsw_jax.config import AdapterConfig
 from lsw_jax.convert.peft import export_peft_adapter
 from lsw_jax.data import Batches, load_documents, pack_documents
+from lsw_jax.linears import ALL_TARGETS
 from lsw_jax.loading import load_model, load_tokenizer
 
 Array = jax.Array
@@ -59,7 +61,7 @@ class TrainConfig:
     steps: int = 100
     lr: float = 2e-4
     router_lr: float | None = None  # routers' peak learning rate; None: lr
-    warmup_steps: int = 10
+    warmup_steps: int | None = None  # linear warm-up; None: 10, a tenth of runs under 100 steps
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     seed: int = 0
@@ -75,6 +77,18 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.router_lr is not None and self.router_lr < 0:
             raise ValueError(f"router_lr={self.router_lr} must be >= 0")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}): the run "
+                "would end before its learning rate leaves the warm-up (the adapter's B "
+                "starts at 0, so it would stay a no-op); lower warmup_steps or raise steps"
+            )
+
+    @property
+    def warmup(self) -> int:
+        """The warm-up's steps: ``warmup_steps``, by default 10 but never more than a
+        tenth of the run (a 1-step run has none: its one step moves the adapter)."""
+        return min(10, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -154,9 +168,13 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """
 
     def adamw(peak: float) -> optax.GradientTransformation:
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, peak, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1), peak * 0.1
-        )
+        w = cfg.warmup
+        if w == 0:  # optax's warm-up starts at 0: even one warm-up step would be a no-op
+            schedule = optax.cosine_decay_schedule(peak, max(cfg.steps, 1), alpha=0.1)
+        else:
+            schedule = optax.warmup_cosine_decay_schedule(
+                0.0, peak, w, max(cfg.steps, w + 1), peak * 0.1
+            )
         return optax.adamw(schedule, weight_decay=cfg.weight_decay)
 
     if cfg.router_lr is None:
@@ -430,6 +448,7 @@ class Trainer:
         """Train to ``cfg.steps`` (or stop after ``stop_after`` more steps); metrics per step."""
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
+        trim_metrics(metrics_path, self.step)
         history = []
         target = (
             self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
@@ -473,12 +492,45 @@ class Trainer:
         self.save(force=True)
         self.manager.wait_until_finished()
         nnx.update(self.model, self.trainable)
+        if adapter_is_zero(self.model):
+            warnings.warn(
+                "the trained adapter is exactly zero (every LoRA B is 0): it changes nothing; "
+                f"train longer or with a higher lr ({self.cfg.steps} steps, lr {self.cfg.lr:g}, "
+                f"warm-up {self.cfg.warmup})",
+                stacklevel=2,
+            )
         save_adapter(self.model, self.out, "final", overwrite=True)
         if self.cfg.adapter_name:
             save_adapter(self.model, self.cfg.ckpt, self.cfg.adapter_name, overwrite=True)
         if self.cfg.adapter.kind == "lora":
             export_peft_adapter(self.model, self.out / "peft")
         plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` in the metrics file ``path`` (a run killed
+    after its last checkpoint wrote steps that the resumed run replays; a kill mid-write
+    leaves a torn last line). Rewritten atomically, only when something goes."""
+    if not path.exists() or jax.process_index() != 0:
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    if kept != lines:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def adapter_is_zero(model: Any) -> bool:
+    """Whether every attached LoRA's B is all zeros (the adapter's delta is 0)."""
+    banks = [view.lora for _, _, view in iter_linears(model, ALL_TARGETS) if view.lora is not None]
+    return bool(banks) and not any(np.any(np.asarray(bank.b[...])) for bank in banks)
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:

@@ -141,8 +141,11 @@ def plot(res: dict, png: Path) -> None:
     fig.savefig(png, dpi=120)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_cli(name: str, doc: str, bench_fn, markdown_fn, plot_fn) -> None:
+    """The command line these engine benchmarks share: parse the common flags, run
+    ``bench_fn``, write ``OUT_DIR/NAME.{json,md,png}`` with device, versions, date, load
+    and the command (the home folder written as ~), print the table."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--ckpt", type=Path, required=True)
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=256)
@@ -152,7 +155,8 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "figures")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
-    modes = bench(args.ckpt, args.slots, args.max_len, args.prompt, args.tokens, args.repeats)
+    modes = bench_fn(args.ckpt, args.slots, args.max_len, args.prompt, args.tokens, args.repeats)
+    command = " ".join(sys.argv[1:]).replace(str(Path.home()), "~")
     res = {
         "meta": {
             "slots": args.slots,
@@ -166,16 +170,16 @@ def main() -> None:
             "date": datetime.date.today().isoformat(),
             "load_before": round(load_before, 2),
             "load_after": round(os.getloadavg()[0], 2),
-            "command": "python scripts/bench_logprobs.py " + " ".join(sys.argv[1:]),
+            "command": f"python scripts/{name}.py {command}",
         },
         "modes": modes,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "bench_logprobs.json").write_text(json.dumps(res, indent=2))
-    (args.out_dir / "bench_logprobs.md").write_text(markdown(res))
-    plot(res, args.out_dir / "bench_logprobs.png")
-    print(markdown(res))
+    (args.out_dir / f"{name}.json").write_text(json.dumps(res, indent=2))
+    (args.out_dir / f"{name}.md").write_text(markdown_fn(res))
+    plot_fn(res, args.out_dir / f"{name}.png")
+    print(markdown_fn(res))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("bench_logprobs", __doc__, bench, markdown, plot)

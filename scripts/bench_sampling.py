@@ -20,21 +20,14 @@ Writes ``docs/figures/bench_sampling.{json,md,png}``.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
-import jax
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_logprobs import interleaved  # noqa: E402
+from bench_logprobs import interleaved, run_cli  # noqa: E402
 
 import lsw_jax  # noqa: E402
 from lsw_jax.sampling import SamplingParams  # noqa: E402
@@ -127,42 +120,5 @@ def plot(res: dict, png: Path) -> None:
     fig.savefig(png, dpi=120)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", type=Path, required=True)
-    ap.add_argument("--slots", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--prompt", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "figures")
-    args = ap.parse_args()
-    load_before = os.getloadavg()[0]
-    modes = bench(args.ckpt, args.slots, args.max_len, args.prompt, args.tokens, args.repeats)
-    res = {
-        "meta": {
-            "slots": args.slots,
-            "max_len": args.max_len,
-            "prompt": args.prompt,
-            "tokens": args.tokens,
-            "repeats": args.repeats,
-            "device": f"{platform.machine()} CPU x{os.cpu_count()}",
-            "jax": jax.__version__,
-            "python": platform.python_version(),
-            "date": datetime.date.today().isoformat(),
-            "load_before": round(load_before, 2),
-            "load_after": round(os.getloadavg()[0], 2),
-            "command": "python scripts/bench_sampling.py "
-            + " ".join(sys.argv[1:]).replace(str(Path.home()), "~"),
-        },
-        "modes": modes,
-    }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "bench_sampling.json").write_text(json.dumps(res, indent=2))
-    (args.out_dir / "bench_sampling.md").write_text(markdown(res))
-    plot(res, args.out_dir / "bench_sampling.png")
-    print(markdown(res))
-
-
 if __name__ == "__main__":
-    main()
+    run_cli("bench_sampling", __doc__, bench, markdown, plot)

@@ -336,10 +336,10 @@ def run_one(model, spec: RunSpec, seed: int, args, train: PackedDataset, held, b
         adapter=adapter,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
-        steps=4 if args.measure else args.steps,
+        steps=(steps := 4 if args.measure else args.steps),
         lr=args.lr,
         router_lr=args.router_lr,
-        warmup_steps=args.warmup_steps,
+        warmup_steps=min(args.warmup_steps, steps - 1),  # a short run keeps one step to learn
         seed=seed,
         dtype="float32",
         remat=False,

@@ -145,3 +145,107 @@ def test_time_to_first_token_stops_after_one_token_without_compiling():
     np.testing.assert_array_equal(generate(model, ids, 8, eos_token_id=[first])[0], [first] * 8)
     assert time_to_first_token(model, ids, 8, EOS_ID, (EOS_ID,), wall=0.5) == 0.5
     assert time_to_first_token(model, ids, 8, first, (), wall=0.5) is None  # nothing to swap
+
+
+# ---------------------------------------------------------------- bad input, when parsed
+
+BAD_FLAGS = [
+    (["eval", "--ckpt", "ck", "--text", "t.txt", "--max-len", "0"], "--max-len", ">= 1", "'0'"),
+    (["eval", "--ckpt", "ck", "--text", "t.txt", "--max-len", "-5"], "--max-len", ">= 1", "'-5'"),
+    (["serve", "--ckpt", "ck", "--slots", "0"], "--slots", ">= 1", "'0'"),
+    (["serve", "--ckpt", "ck", "--port", "70000"], "--port", "[0, 65535]", "'70000'"),
+    (["serve", "--ckpt", "ck", "--body-timeout", "nan"], "--body-timeout", "> 0", "'nan'"),
+    (["serve", "--ckpt", "ck", "--dtype", "int8"], "--dtype", "float32, bfloat16, float16", "'int8'"),
+    (["convert", "a.gguf", "out", "--dtype", "int8"], "--dtype", "float32, bfloat16", "'int8'"),
+    (["generate", "--ckpt", "ck", "--prompt", "x", "--top-p", "0"], "--top-p", "(0, 1]", "'0'"),
+    (["generate", "--ckpt", "ck", "--prompt", "x", "--temperature", "-1"], "--temperature", "[0, 100]", "'-1'"),
+    (["generate", "--ckpt", "ck", "--prompt", "x", "--max-new-tokens", "zero"], "--max-new-tokens", ">= 1", "'zero'"),
+    (["train", "--ckpt", "ck", "--steps", "0"], "--steps", ">= 1", "'0'"),
+    (["train", "--ckpt", "ck", "--lr", "0"], "--lr", "> 0", "'0'"),
+    (["adapters", "import-peft", "--ckpt", "ck", "--name", "n", "p", "--top-k", "0"], "--top-k", ">= 1", "'0'"),
+    (["--num-processes", "0", "adapters", "list", "--ckpt", "ck"], "--num-processes", ">= 1", "'0'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, flag, allowed, value", BAD_FLAGS, ids=lambda a: str(a)[:40])
+def test_a_bad_flag_value_is_refused_when_parsed_naming_flag_value_and_range(
+    argv, flag, allowed, value, capsys, tmp_path, monkeypatch
+):
+    """Before anything runs: exit 2 with argparse's usage and one line naming the flag,
+    what is allowed and the value given; nothing written."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: must be " in err, err
+    assert allowed in err and f"got {value}" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_library_refuses_the_same_values():
+    from lsw_jax.evaluate import rolling_windows
+    from lsw_jax.serve.engine import Engine
+
+    with pytest.raises(ValueError, match="max_len=0 must be >= 1"):
+        rolling_windows([1, 2, 3], 0, 0)
+    model = lsw_jax.load_model(tiny_checkpoint(), dtype="float32")
+    with pytest.raises(ValueError, match="slots=0"):
+        Engine(model, slots=0)
+    with pytest.raises(ValueError, match="dtype='int8' is not supported: use one of float32"):
+        lsw_jax.load_model(tiny_checkpoint(), dtype="int8")
+
+
+def test_convert_refuses_a_cast_that_is_no_float_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="dtype='int8' is not supported"):
+        lsw_jax.convert_checkpoint(tmp_path / "missing.gguf", tmp_path / "out", dtype="int8")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_flags_beside_a_config_file_override_it(tmp_path, monkeypatch):
+    """``--kind`` beside ``--config`` replaces the file's adapter kind (the help says
+    flags override); without it the file's kind applies."""
+    import json
+
+    from lsw_jax import cli
+
+    seen = []
+
+    class Recorder:  # stands in for the Trainer: only the config is under test
+        def __init__(self, cfg, **_):
+            seen.append(cfg)
+
+        def run(self):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(cli, "Trainer", Recorder)
+    conf = tmp_path / "c.json"
+    adapter = {"kind": "switch", "num_experts": 4, "top_k": 2, "rank": 4}
+    conf.write_text(json.dumps({"ckpt": str(tiny_checkpoint()), "data": ["d.txt"],
+                                "out_dir": str(tmp_path / "run"), "adapter": adapter}))  # fmt: skip
+    main(["train", "--config", str(conf), "--kind", "lora", "--steps", "3"])
+    main(["train", "--config", str(conf)])
+    assert [c.adapter.kind for c in seen] == ["lora", "switch"]
+    assert seen[0].steps == 3 and seen[0].adapter.rank == 4
+
+
+def test_a_training_runs_adapter_is_usable_by_its_folder(tmp_path):
+    """What ``train --out RUN`` leaves (RUN/adapters/final) attaches by the run folder and
+    by the adapter's own folder, as the stored name does; the server's pool reads it too."""
+    from lsw_jax.adapters.store import save_adapter
+    from lsw_jax.serve.adapter_pool import read_adapter
+
+    ckpt = tiny_checkpoint()
+    trained = lsw_jax.load_model(ckpt, dtype="float32", adapter="a1")
+    save_adapter(trained, tmp_path / "run", "final")
+    ids = np.asarray([[5, 9, 13, 2]], np.int32)
+    want = np.asarray(trained(ids))
+    for source in (tmp_path / "run", tmp_path / "run" / "adapters" / "final"):
+        got = lsw_jax.load_model(ckpt, dtype="float32", adapter=str(source))
+        np.testing.assert_array_equal(np.asarray(got(ids)), want)
+        host = read_adapter(trained.cfg, "r", source, ckpt)
+        assert host.kind == trained.adapter_config.kind
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder .* a training run"):
+        lsw_jax.load_model(ckpt, dtype="float32", adapter=str(tmp_path))

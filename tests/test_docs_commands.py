@@ -142,11 +142,11 @@ def test_every_docs_command_is_classified_and_every_client_is_run():
 @pytest.mark.parametrize("cmd", [c for c in ALL if c.kind == "lsw-jax"], ids=lambda c: c.id)
 def test_docs_lsw_jax_command_parses(cmd):
     """Optional parts written ``[--flag VALUE]`` count as given (a placeholder VALUE in
-    capitals as 1)."""
+    capitals as 64: valid for every number flag)."""
     argv = []
     for w in cmd.argv[1:]:
         bare = w.strip("[]")
-        argv.append("1" if bare != w and bare.isupper() else bare)
+        argv.append("64" if bare != w and bare.isupper() else bare)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:

@@ -11,7 +11,7 @@ import pytest
 
 import lsw_jax
 from lsw_jax.config import AdapterConfig, ModelConfig
-from lsw_jax.train import TrainConfig, Trainer
+from lsw_jax.train import TrainConfig, Trainer, adapter_is_zero
 
 
 class ByteTokenizer:
@@ -52,9 +52,9 @@ def _trainer(tmp_path, out, **kw):
         adapter=kw.pop("adapter", AdapterConfig(kind="switch", num_experts=4, top_k=2, rank=4)),
         seq_len=32,
         batch_size=4,
-        steps=kw.pop("steps", 6),
+        steps=(steps := kw.pop("steps", 6)),
         lr=kw.pop("lr", 3e-3),
-        warmup_steps=2,
+        warmup_steps=kw.pop("warmup_steps", min(2, steps - 1)),
         save_every=2,
         **kw,
     )
@@ -134,3 +134,38 @@ def test_bad_training_inputs(tmp_path):
             model=lsw_jax.init_model(tr.model.cfg, dtype="float32"),
             tokenizer=ByteTokenizer(),
         )
+
+
+def test_a_one_step_run_moves_the_adapter_and_a_zero_one_says_so(tmp_path):
+    """The default warm-up shrinks to a tenth of a short run (none for one step: optax's
+    warm-up starts at lr 0, which left a 1-step adapter exactly zero); a warm-up as long
+    as the run is refused naming both; an adapter still zero at the end is warned of."""
+    tr = _trainer(tmp_path, "one", steps=1, warmup_steps=None)
+    assert tr.cfg.warmup == 0
+    tr.run(progress=False)
+    tr.finish()
+    assert not adapter_is_zero(tr.model)
+    assert TrainConfig(ckpt="c", data=(), out_dir="o", steps=50).warmup == 5
+    assert TrainConfig(ckpt="c", data=(), out_dir="o", steps=500).warmup == 10
+    with pytest.raises(ValueError, match=r"warmup_steps=10 must be in \[0, steps=5\)"):
+        TrainConfig(ckpt="c", data=(), out_dir="o", steps=5, warmup_steps=10)
+    still = _trainer(tmp_path, "zero", steps=2, lr=0.0)
+    still.run(progress=False)
+    with pytest.warns(UserWarning, match="the trained adapter is exactly zero"):
+        still.finish()
+
+
+def test_a_resumed_run_writes_each_steps_metrics_once(tmp_path):
+    """Killed after step 3 with its last checkpoint at step 2 (and a torn line): the
+    resumed run replays step 3, and metrics.jsonl holds steps 1..6 once each."""
+    first = _trainer(tmp_path, "run", steps=6)
+    first.run(stop_after=3, progress=False)
+    first.manager.wait_until_finished()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 4, "loss": 1.')  # the kill, mid-line
+    second = _trainer(tmp_path, "run", steps=6)
+    assert second.step == 2
+    second.run(progress=False)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -8,6 +8,7 @@ and alpha patterns survive import); ``state/`` is an Orbax item of every LoRAPar
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,18 @@ def list_adapters(ckpt: str | Path) -> list[str]:
         if root.exists()
         else []
     )
+
+
+def stored_adapter(ckpt: str | Path | None, source: str | Path) -> tuple[Path, str] | None:
+    """Where the stored adapter ``source`` names lives, as (folder holding ``adapters/``,
+    name): a stored adapter's own folder (``.../adapters/NAME``, holding adapter.json), a
+    training run's folder (its ``adapters/final``), or a name stored in ``ckpt``. None when
+    ``source`` is a path that is none of these (or a bare name without a ``ckpt``)."""
+    path = Path(source)
+    if (path / "adapter.json").exists():
+        return path.parent.parent, path.name
+    if (path / "adapters" / "final" / "adapter.json").exists():
+        return path, "final"
+    if path.exists() or os.sep in str(source) or "/" in str(source) or ckpt is None:
+        return None
+    return Path(ckpt), str(source)

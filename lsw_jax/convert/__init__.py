@@ -12,6 +12,7 @@ from lsw_jax.config import ModelConfig
 from lsw_jax.convert.gguf import gguf_hf_config, gguf_tokenizer, iter_gguf_tensors
 from lsw_jax.convert.hf import hf_key_table, map_hf_tensors
 from lsw_jax.convert.safetensors_io import iter_safetensors
+from lsw_jax.model.layers import float_dtype
 from lsw_jax.tokenizer import Tokenizer
 
 
@@ -51,6 +52,7 @@ def convert_checkpoint(
     by default they keep the source dtype (GGUF quantized types are stored dequantized, fp32).
     """
     src, dst = Path(src), Path(dst)
+    float_dtype(dtype)  # refused before anything is read or written
     cfg, tensors, kind = _source_of(src)
     paths = [path for path, _ in hf_key_table(cfg).values()]
     with atomic_directory(dst, overwrite=overwrite) as tmp:

@@ -16,6 +16,23 @@ from pallas_kernels.project import project
 Array = jax.Array
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # what weights and compute may be cast to
+
+
+def float_dtype(dtype: Any) -> jnp.dtype | None:
+    """``dtype`` (a name or a dtype; None stays None) once it is one of ``FLOAT_DTYPES``;
+    a ValueError otherwise (an int8 cast is not quantization: it would zero the weights)."""
+    if dtype is None:
+        return None
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        d = None
+    if d is None or d.name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported: use one of {', '.join(FLOAT_DTYPES)}")
+    return d
+
+
 def default_dtype() -> jnp.dtype:
     """bf16 on accelerators, fp32 on CPU (XLA's CPU dot is ~16x slower on bf16)."""
     return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)

@@ -24,6 +24,7 @@ from lsw_jax.model.layers import (
     RMSNorm,
     apply_rope,
     default_dtype,
+    float_dtype,
     fused_linear,
     rope_cos_sin,
 )
@@ -187,8 +188,8 @@ class LlamaModel(nnx.Module):
         param_dtype: Any = None,
         rngs: nnx.Rngs | None,
     ):
-        dtype = jnp.dtype(dtype or default_dtype())
-        param_dtype = jnp.dtype(param_dtype or dtype)
+        dtype = float_dtype(dtype) or default_dtype()
+        param_dtype = float_dtype(param_dtype) or dtype
         self.cfg = cfg
         self.dtype = dtype
         init = jnp.zeros((cfg.vocab_size, cfg.hidden_size), param_dtype)

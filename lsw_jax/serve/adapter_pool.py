@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from lsw_jax.adapters.lora import LoraBank, RouterTables, iter_linears
-from lsw_jax.adapters.store import check_adapter_name, load_adapter
+from lsw_jax.adapters.store import check_adapter_name, load_adapter, stored_adapter
 from lsw_jax.config import ModelConfig
 from lsw_jax.convert.peft import read_peft_adapter
 from lsw_jax.linears import ALL_TARGETS, LINEAR_BY_NAME
@@ -112,13 +112,15 @@ def read_adapter(
         adapter_cfg, tensors = read_peft_adapter(source, cfg.num_layers)
         banks = {k: (a[None], (b * s)[None]) for k, (a, b, s) in tensors.items()}
         return HostAdapter(name, str(source), "lora", 1, 1, banks)
-    if ckpt is None:
+    where = stored_adapter(ckpt, source)
+    if where is None:
         raise FileNotFoundError(
-            f"{source!r} is not a PEFT directory and no checkpoint holds stored adapters"
+            f"{source!r} is not a PEFT directory, a training run, a stored adapter's folder "
+            "or the name of an adapter stored in the checkpoint"
         )
     # A shape-only skeleton: load_adapter attaches real banks to it, the backbone stays abstract.
     skeleton = nnx.eval_shape(lambda: LlamaModel(cfg, dtype="float32", rngs=nnx.Rngs(0)))
-    load_adapter(skeleton, ckpt, str(source))
+    load_adapter(skeleton, *where)
     acfg = skeleton.adapter_config
     banks = {}
     for i, part, view in iter_linears(skeleton, ALL_TARGETS):

@@ -178,8 +178,12 @@ class Engine:
         warmup: bool = False,
     ):
         cfg = model.cfg
+        if slots < 1 or max_prefill_rows < 1:  # no row to run: /health ok, nothing answered
+            raise ValueError(f"slots={slots} and max_prefill_rows={max_prefill_rows} must be >= 1")
         self.model, self.cfg, self.pool, self.slots = model, cfg, pool, slots
         self.max_len = int(max_len or cfg.max_position_embeddings)
+        if self.max_len < 2:
+            raise ValueError(f"max_len={self.max_len} must be >= 2 (a prompt token and one more)")
         if self.max_len > cfg.max_position_embeddings:
             raise ValueError(
                 f"max_len={self.max_len} exceeds the model's context {cfg.max_position_embeddings}"
