@@ -22,7 +22,15 @@ import numpy as np
 
 from lsw_jax.adapters.store import list_adapters, save_adapter
 from lsw_jax.checkpoint import DestinationExists, check_checkpoint_dir
-from lsw_jax.cli_args import float_dtype, float_in, int_at_least, int_in
+from lsw_jax.cli_args import (
+    existing_dir,
+    existing_file,
+    existing_path,
+    float_dtype,
+    float_in,
+    int_at_least,
+    int_in,
+)
 from lsw_jax.config import AdapterConfig
 from lsw_jax.convert import convert_checkpoint
 from lsw_jax.convert.gguf import shipped_smollm2_gguf
@@ -284,7 +292,11 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 def _add_generation_commands(sub: Any) -> None:
     p = sub.add_parser("convert", help="HF folder or .gguf -> Orbax checkpoint")
-    p.add_argument("src", help="HF model folder (config.json + safetensors) or a .gguf file")
+    p.add_argument(
+        "src",
+        type=existing_path,
+        help="HF model folder (config.json + safetensors) or a .gguf file",
+    )
     p.add_argument("dst", help="checkpoint directory to write")
     p.add_argument(
         "--dtype",
@@ -372,9 +384,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _add_training_commands(sub: Any) -> None:
     train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     p = sub.add_parser("train", help="train a switch/mola/lora adapter on a frozen backbone")
-    p.add_argument("--config", help="JSON file with TrainConfig fields (flags override)")
+    p.add_argument(
+        "--config", type=existing_file, help="JSON file with TrainConfig fields (flags override)"
+    )
     p.add_argument("--ckpt", help=f"{CKPT_HELP} of the frozen backbone (default: --config's)")
-    p.add_argument("--data", nargs="+", help=".txt / .jsonl files")
+    p.add_argument("--data", nargs="+", type=existing_file, help=".txt / .jsonl files")
     p.add_argument(
         "--out", help="run directory: training checkpoints, adapters/final (rerun to resume)"
     )
@@ -412,8 +426,8 @@ def _add_training_commands(sub: Any) -> None:
     p = sub.add_parser("eval", help="perplexity on text; multiple-choice accuracy")
     p.add_argument("--ckpt", required=True, help=CKPT_HELP)
     p.add_argument("--adapter", default=None, help="PEFT adapter dir or stored adapter name")
-    p.add_argument("--text", nargs="*", help=".txt / .jsonl files")
-    p.add_argument("--choices", help="JSONL of {question, choices, answer}")
+    p.add_argument("--text", nargs="*", type=existing_file, help=".txt / .jsonl files")
+    p.add_argument("--choices", type=existing_file, help="JSONL of {question, choices, answer}")
     p.add_argument(
         "--max-len",
         type=int_at_least(1),
@@ -459,7 +473,12 @@ def _add_adapter_commands(sub: Any) -> None:
     q = asub.add_parser("import-peft", help="store PEFT LoRA adapter(s) in a checkpoint")
     q.add_argument("--ckpt", required=True, help=CKPT_HELP)
     q.add_argument("--name", required=True, help="store it as CKPT/adapters/NAME")
-    q.add_argument("peft", nargs="+", help="one PEFT dir (plain LoRA) or N dirs (expert bank)")
+    q.add_argument(
+        "peft",
+        nargs="+",
+        type=existing_dir,
+        help="one PEFT dir (plain LoRA) or N dirs (expert bank)",
+    )
     q.add_argument(
         "--kind",
         default="lora",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 from lsw_jax.model.layers import FLOAT_DTYPES
 
@@ -64,3 +65,34 @@ def float_dtype(value: str) -> str:
     if value not in FLOAT_DTYPES:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(FLOAT_DTYPES)}, got {value!r}")
     return value
+
+
+def existing_file(value: str) -> str:
+    """A file that exists (data to read, a config)."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file: {value!r}")
+    if path.is_dir():
+        raise _not_a(value, "a directory, expected a file")
+    return value
+
+
+def existing_dir(value: str) -> str:
+    """A directory that exists (a PEFT adapter)."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such directory: {value!r}")
+    if not path.is_dir():
+        raise _not_a(value, "a file, expected a directory")
+    return value
+
+
+def existing_path(value: str) -> str:
+    """A file or directory that exists (a model to convert: a folder or a .gguf)."""
+    if not Path(value).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"no such file or directory: {value!r}")
+    return value
+
+
+def _not_a(value: str, why: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"{value!r} is {why}")

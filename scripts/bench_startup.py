@@ -12,6 +12,12 @@ weights), first call (compilation or its cache, then the full decode), second ca
 decode alone, n tokens). First token (estimate) = first call - second call * (n - 1) / n:
 compilation (or cache load) + prefill + one step.
 
+Serve: ``lsw-jax serve --max-len 2048`` as a fresh process, cold (empty compilation cache)
+then warm (the same folder): seconds until ``/health`` answers 200, seconds until its log
+says the background compilation finished, and the per-token time of a greedy 32-token
+completion (``ignore_eos``) three times while the background compiles and three times
+after it (median; the cost of serving beside the compiler on the same cores).
+
     python scripts/bench_startup.py --repeats 7
 
 Writes ``docs/figures/bench_startup.{json,md,png}``.
@@ -31,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import jax
@@ -107,6 +114,101 @@ def bench_demo(ckpt: Path, scratch: Path) -> dict:
     }
 
 
+BACKGROUND_DONE = re.compile(r"compiled (\d+) more prefill shapes in the background")
+SERVE_MAX_LEN, SERVE_TOKENS = 2048, 32
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.load(r)
+
+
+def _token_seconds(url: str) -> float:
+    """Seconds per token of one greedy completion (prefill included, one short prompt)."""
+    body = {"model": "base", "prompt": "Once upon a time", "max_tokens": SERVE_TOKENS,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    t0 = time.perf_counter()
+    out = _post(url + "/v1/completions", body)
+    assert out["usage"]["completion_tokens"] == SERVE_TOKENS, out["usage"]
+    return (time.perf_counter() - t0) / SERVE_TOKENS
+
+
+def _wait(predicate, what: str, limit_s: float = 900.0) -> None:
+    t0 = time.perf_counter()
+    while not predicate():
+        if time.perf_counter() - t0 > limit_s:
+            raise RuntimeError(f"no {what} after {limit_s:.0f} s")
+        time.sleep(0.2)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def run_serve(ckpt: Path, cache: Path, port: int) -> dict:
+    """One ``lsw-jax serve`` process: ready, background done, per-token times."""
+    env = {**os.environ, "LSW_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
+    for var in ("JAX_COMPILATION_CACHE_DIR", "LSW_JAX_COMPILE_CACHE", "LSW_JAX_API_KEY"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "lsw_jax.cli", "serve", "--ckpt", str(ckpt), "--port",
+           str(port), "--max-len", str(SERVE_MAX_LEN), "--served-model-name", "base"]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    log = cache / f"serve-{port}.log"
+    with open(log, "w") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            _wait(lambda: _healthy(url) or proc.poll() is not None, "/health 200")
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited {proc.returncode}:\n{log.read_text()[-2000:]}")
+            ready = time.perf_counter() - t0
+            during = [_token_seconds(url) for _ in range(3)]
+            text = log.read_text
+            _wait(lambda: BACKGROUND_DONE.search(text()), "background compilation")
+            background = time.perf_counter() - t0
+            after = [_token_seconds(url) for _ in range(3)]
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return {
+        "ready_s": ready,
+        "background_done_s": background,
+        "background_shapes": int(BACKGROUND_DONE.search(text())[1]),
+        "token_ms_during_background": [1e3 * t for t in during],
+        "token_ms_after": [1e3 * t for t in after],
+    }
+
+
+def bench_serve(ckpt: Path, scratch: Path) -> dict:
+    cache = scratch / "serve-cache"
+    cache.mkdir()
+    return {"cold": run_serve(ckpt, cache, 8791), "warm": run_serve(ckpt, cache, 8792)}
+
+
+def serve_markdown(res: dict) -> list[str]:
+    lines = [
+        "",
+        f"| `lsw-jax serve --max-len {SERVE_MAX_LEN}` | ready s | background done s | "
+        "shapes in background | ms/token during background (median) | ms/token after |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, d in res["serve"].items():
+        during = statistics.median(d["token_ms_during_background"])
+        after = statistics.median(d["token_ms_after"])
+        lines.append(
+            f"| {name} | {d['ready_s']:.1f} | {d['background_done_s']:.1f} | "
+            f"{d['background_shapes']} | {during:.0f} | {after:.0f} |"
+        )
+    return lines
+
+
 def markdown(res: dict) -> str:
     ld = res["load"]
     lines = [
@@ -132,6 +234,8 @@ def markdown(res: dict) -> str:
             f"| {name} | {d['process_s']:.1f} | {d['load_s']:.1f} | {d['first_call_s']:.1f} | "
             f"{d['second_call_s']:.1f} | {d['first_token_est_s']:.1f} |"
         )
+    if "serve" in res:
+        lines += serve_markdown(res)
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +280,7 @@ def main() -> None:
         res["convert_s"] = time.perf_counter() - t0
         res["load"] = bench_load(ckpt, args.repeats)
         res["demo"] = bench_demo(ckpt, Path(tmp))
+        res["serve"] = bench_serve(ckpt, Path(tmp))
     res["loadavg_after"] = open("/proc/loadavg").read().split()[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench_startup.json").write_text(json.dumps(res, indent=2))

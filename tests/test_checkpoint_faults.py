@@ -310,6 +310,8 @@ def test_every_ckpt_command_refuses_a_non_checkpoint_alike(bad, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "t.txt").write_text("text")  # the other paths exist: parsed (checked) first
+    (tmp_path / "peft").mkdir()
     why = {
         "missing": "no such file or directory",
         "empty": "no config.json",
@@ -323,7 +325,8 @@ def test_every_ckpt_command_refuses_a_non_checkpoint_alike(bad, tmp_path, monkey
     with pytest.raises(OSError) as e:
         lsw_jax.load_model(bad)  # the library gives the same message
     assert str(e.value) == want
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty"]  # nothing written
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["a_file", "empty", "peft", "t.txt"]  # nothing written
 
 
 # ---------------------------------------------------------------------- PEFT adapter configs

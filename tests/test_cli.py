@@ -111,7 +111,9 @@ def test_generate_reports_first_token_and_the_token_limit(capsys):
     n, tok_s, loaded, first_call = _report(err)
     assert (n == 96) == at_limit and tok_s > 0 and loaded > 0 and first_call > 0
     ms = float(err.split("first token in ")[1].split(" ms")[0])
-    assert 0 <= ms <= 1000 * n / tok_s  # the first token comes before the whole answer
+    # A separate run that stops at its first token: its fixed costs (dispatch, the host
+    # sync) may exceed a whole answer of this tiny model, so bound it by the first call.
+    assert 0 < ms <= 1000 * first_call
     assert ("(stopped at the token limit, 96 tokens" in err) == at_limit
 
 
@@ -174,12 +176,49 @@ def test_a_bad_flag_value_is_refused_when_parsed_naming_flag_value_and_range(
     """Before anything runs: exit 2 with argparse's usage and one line naming the flag,
     what is allowed and the value given; nothing written."""
     monkeypatch.chdir(tmp_path)
+    inputs = _make_inputs(tmp_path)
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument {flag}: must be " in err, err
     assert allowed in err and f"got {value}" in err and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == inputs
+
+
+def _make_inputs(folder) -> list[str]:
+    """The input paths BAD_FLAGS and BAD_PATHS name (paths are checked when parsed too)."""
+    (folder / "t.txt").write_text("text")
+    (folder / "a.gguf").write_bytes(b"GGUF")
+    (folder / "p").mkdir()
+    return ["a.gguf", "p", "t.txt"]
+
+
+BAD_PATHS = [
+    (["eval", "--ckpt", "ck", "--text", "t.txt", "gone.txt"], "--text", "no such file: 'gone.txt'"),
+    (["eval", "--ckpt", "ck", "--choices", "p"], "--choices", "'p' is a directory, expected a file"),
+    (["train", "--ckpt", "ck", "--data", "gone.jsonl"], "--data", "no such file: 'gone.jsonl'"),
+    (["train", "--config", "gone.json"], "--config", "no such file: 'gone.json'"),
+    (["adapters", "import-peft", "--ckpt", "ck", "--name", "n", "t.txt"], "peft",
+     "'t.txt' is a file, expected a directory"),
+    (["adapters", "import-peft", "--ckpt", "ck", "--name", "n", "p", "q"], "peft",
+     "no such directory: 'q'"),
+    (["convert", "gone.gguf", "out"], "src", "no such file or directory: 'gone.gguf'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, arg, message", BAD_PATHS, ids=lambda a: str(a)[:40])
+def test_a_missing_input_path_is_refused_when_parsed(argv, arg, message, capsys, tmp_path,
+                                                     monkeypatch):  # fmt: skip
+    """A path to read that is missing (or a file where a folder is meant) ends at parsing:
+    exit 2, the argument and the path named; nothing written."""
+    monkeypatch.chdir(tmp_path)
+    inputs = _make_inputs(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {arg}: {message}" in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == inputs
 
 
 def test_the_library_refuses_the_same_values():

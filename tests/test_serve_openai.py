@@ -476,7 +476,7 @@ def test_health_says_starting_until_warm_and_requests_wait():
 
 def _gate_warm_up(eng, release):
     real = eng.warm_up
-    eng.warm_up = lambda: (release.wait(30), real())[1]
+    eng.warm_up = lambda **kw: (release.wait(30), real(**kw))[1]
 
 
 def test_the_load_script_drives_the_server(live):

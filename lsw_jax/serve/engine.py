@@ -42,7 +42,9 @@ stacked base they are re-merged from): 2 x 4 x 106 M bytes for SmolLM2-135M in f
 
 Shapes are fixed by ``slots``, ``max_len`` and the prefill buckets (prompt length: powers
 of two from 16 to ``max_len``; rows: powers of two up to ``max_prefill_rows``), so after
-``warm_up`` no step compiles (``steps.TRACE_COUNTS`` counts traces per jitted function).
+``warm_up`` no step compiles (``steps.TRACE_COUNTS`` counts traces per jitted function);
+the server's start compiles the common ones before it says ready and the rest while it
+serves (``lsw_jax.serve.warmup``).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from lsw_jax.sampling import (
     SamplingParams,
     logprob_bucket,
 )
-from lsw_jax.serve import steps
+from lsw_jax.serve import steps, warmup
 from lsw_jax.serve.scheduler import Scheduler, StepPlan
 from lsw_jax.serve.steps import TokenLogprob
 from lsw_jax.serve.text import StreamText
@@ -205,6 +207,9 @@ class Engine:
         # written at admission, counted in each step: nothing [slots, V] per step from here.
         self.logit_state = LogitAdjust.identity(slots, cfg.vocab_size)
         self._no_adjust: dict[int, LogitAdjust] = {}  # prefill rows -> an identity chunk
+        # (prompt bucket, rows) shapes a background thread is still compiling: multi-row
+        # chunks of them run as single rows meanwhile (``warmup``).
+        self.prefill_pending: set[tuple[int, int]] = set()
         self.rows: list[Request | None] = [None] * slots
         self._inbox: collections.deque = collections.deque()
         # Guards the inbox, the scheduler's queues and finishing: submit/cancel come from
@@ -323,8 +328,10 @@ class Engine:
 
     def _loop(self) -> None:
         if self.warmup:
+            t0 = time.perf_counter()
             try:
-                self.warm_up()
+                self.warm_up(background=True)
+                log.info("warm-up: common step shapes compiled in %.1f s", time.perf_counter() - t0)
             except Exception:  # serve anyway: the steps compile on first use instead
                 log.exception("engine warm-up failed; shapes will compile on first use")
         self._ready.set()
@@ -340,35 +347,25 @@ class Engine:
                 self._fail([r for r in self.rows if r is not None], e)
 
     # ------------------------------------------------------------------ warm-up
-    def warm_up(self, max_prompt_len: int | None = None, run_tokens: int = 1024) -> None:
-        """Compile the steps every request will use, so that no new prompt length (or a
-        first merged step) stalls running streams later: the prefill of each (prompt,
-        rows) bucket up to ``max_prompt_len`` (default: all) and the decode step of every
-        mode the policy may choose, each run once on empty rows (nothing is written).
-        Prefill buckets of more than ``run_tokens`` tokens are only compiled, not run:
-        with JAX's persistent compilation cache on (the CLI's default) their first use
-        then loads them from it instead of compiling."""
-        self._sync_state()
-        limit = max_prompt_len or self.max_len
-        static = dict(k_max=self._k_max, num_logprobs=0, prompt_logprobs=False)
-        for p in self.prefill_lens:
-            if p > limit and p != self.prefill_lens[0]:
-                break
-            for r in self.prefill_rows:
-                args = self._prefill_args([], p, r)
-                if p * r <= run_tokens:
-                    _, _, _, self.logit_state, self.cache = steps.prefill_insert(*args, **static)
-                elif _compile_cache_on():  # without a cache, a compile-only is lost
-                    steps.prefill_insert.lower(*args, **static).compile()
-        idle = ([None] * self.slots, np.zeros((self.slots,), np.int32))
-        for mode in self.scheduler.modes:  # base weights ("") in every mode the policy picks
-            self._run_decode(*idle, *self._plan_weights(mode, ""))
-        if self.pool is not None and "merged" in self.scheduler.modes:  # an adapter merged
-            self._merged = steps.create_merged(self.graphdef, self.state, self._unmerged)
-            selection = (jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32))
-            self._merged = steps.switch_merged(self._merged, selection)  # gate 0: nothing merged
-            self._run_decode(*idle, Plan.MERGED, self._merged)
-        jax.block_until_ready(self.cache.k[0])
+    def warm_up(self, background: bool = False) -> None:
+        """Compile the steps requests will use, so that no new prompt length (or a first
+        merged step) stalls running streams later: the decode step of every mode the
+        policy may choose and the prefill of each (prompt, rows) bucket (``warmup``).
+        ``background``: only the common shapes now, the rest on a thread after this
+        returns (the server's start); otherwise all of them now."""
+        if not background:
+            warmup.warm_up(self, warmup.all_shapes(self))
+            return
+        warmup.warm_up(self, warmup.ready_shapes(self))
+        rest = warmup.background_shapes(self)
+        self.prefill_pending = set(rest)
+        threading.Thread(
+            target=warmup.compile_in_background, args=(self, rest), name="lsw-compile", daemon=True
+        ).start()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop
 
     # ------------------------------------------------------------------ one step
     def step(self) -> StepPlan:
@@ -514,13 +511,20 @@ class Engine:
             by_len[next(b for b in self.prefill_lens if b >= n)].append(req)
         for p, group in sorted(by_len.items()):
             while group:
-                r = next((b for b in self.prefill_rows if b >= len(group)), self.prefill_rows[-1])
+                r = self._chunk_rows(p, len(group))
                 chunk, group = group[:r], group[r:]
                 try:
                     self._prefill(chunk, p, r)
                 except Exception as e:
                     self._fail(chunk, e)
         return placed
+
+    def _chunk_rows(self, p: int, n: int) -> int:
+        """Rows of the next prefill chunk of ``n`` requests in bucket ``p``: the smallest
+        row bucket that holds them (else the largest), skipping multi-row shapes that are
+        still compiling in the background."""
+        usable = [r for r in self.prefill_rows if r == 1 or (p, r) not in self.prefill_pending]
+        return next((r for r in usable if r >= n), usable[-1])
 
     def _prefill_args(self, chunk: list[Request], p: int, r: int) -> tuple:
         ids = np.zeros((r, p), np.int32)
@@ -701,8 +705,3 @@ class Engine:
             self._send(req, Update([t], delta, entries))
             if reason is not None:
                 self._finish(req, reason)
-
-
-def _compile_cache_on() -> bool:
-    """JAX's persistent compilation cache is on and has a folder to write to."""
-    return bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)

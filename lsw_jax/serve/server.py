@@ -740,6 +740,20 @@ def uvicorn_server(
     return uvicorn.Server(config)
 
 
+def show_server_log() -> None:
+    """The server's own INFO lines (warm-up, background compilation, adapters loaded) on
+    stderr beside uvicorn's (not through the root logger: absl, which orbax imports, puts
+    its own handler there), unless the program gave the ``lsw_jax`` logger one itself."""
+    logger = logging.getLogger("lsw_jax")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def run_server(
     server: Server,
     *,
@@ -749,4 +763,5 @@ def run_server(
 ) -> None:
     """Serve until interrupted (see ``check_exposure`` and ``uvicorn_server``)."""
     check_exposure(server, host, allow_unauthenticated=allow_unauthenticated)
+    show_server_log()
     uvicorn_server(server, host=host, port=port).run()
