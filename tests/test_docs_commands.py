@@ -139,20 +139,37 @@ def test_every_docs_command_is_classified_and_every_client_is_run():
         assert not inline, f"{doc}: client commands only inline (put them in a block): {inline}"
 
 
+MISSING_INPUT = re.compile(r"argument \S+: no such (file|directory|file or directory): '(.+?)'")
+
+
 @pytest.mark.parametrize("cmd", [c for c in ALL if c.kind == "lsw-jax"], ids=lambda c: c.id)
-def test_docs_lsw_jax_command_parses(cmd):
+def test_docs_lsw_jax_command_parses(cmd, tmp_path, monkeypatch):
     """Optional parts written ``[--flag VALUE]`` count as given (a placeholder VALUE in
-    capitals as 64: valid for every number flag)."""
+    capitals as 64: valid for every number flag). Input paths are checked when parsed:
+    the ones the command names are made (in an empty folder) as the parser asks for them,
+    and nothing else may fail."""
+    monkeypatch.chdir(tmp_path)
     argv = []
     for w in cmd.argv[1:]:
         bare = w.strip("[]")
         argv.append("64" if bare != w and bare.isupper() else bare)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            build_parser().parse_args(argv)
-        except SystemExit:
+    for _ in range(len(argv) + 1):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                build_parser().parse_args(argv)
+                return
+            except SystemExit:
+                pass
+        missing = MISSING_INPUT.search(err.getvalue())
+        if missing is None or missing[2] not in argv or Path(missing[2]).is_absolute():
             pytest.fail(f"{cmd.id}: {shlex.join(cmd.argv)}\n{err.getvalue()}")
+        path = Path(missing[2])
+        if missing[1] == "directory" or missing[2].endswith("/"):
+            path.mkdir(parents=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
 
 
 # ---------------------------------------------------------------- client commands
