@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import dispatch
+from pallas_kernels import lora_fused as lf
 from pallas_kernels import lora_unmerged as lu
 from pallas_kernels import lora_unmerged_mosaic as lm
 from pallas_kernels import switch_merge as sm
@@ -213,6 +214,20 @@ def test_unmerged_compiles_for_sm90(triton_compiler, tmp_path, model, linear):
             fn = functools.partial(lu.lora_unmerged_pallas, **choice.blocks)
             shapes = unmerged_shapes(n, out, d_in, rank, dtype)
             _compile_all(triton_compiler, tmp_path, fn, shapes, choice.blocks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("linear", ["qkv", "o", "gate_up", "down"])
+def test_fused_one_launch_compiles_for_sm90(triton_compiler, tmp_path, model, linear):
+    """The one-launch kernel (`pallas_kernels.lora_fused`) at decode sizes in bf16 (its
+    fp32 lowering is exported by tests/test_kernel_lora_fused.py), its default blocks:
+    Triton IR to a cubin within the shared-memory limit."""
+    out, d_in, rank = MODELS[model][linear]
+    blocks = {"num_warps": 4, "num_stages": 3}
+    for n in (1, 16):
+        shapes = unmerged_shapes(n, out, d_in, rank, jnp.bfloat16)
+        _compile_all(triton_compiler, tmp_path, lf.lora_fused_pallas, shapes, blocks)
 
 
 @pytest.mark.slow
