@@ -308,7 +308,8 @@ unmeasured by definition.
 
 UNMERGED[(out, in)] = list of entries, each for row counts N <= n_max (ascending):
   impl: "pallas" | "mosaic" | "reference" (XLA): the fastest measured at that N;
-  blocks: keyword arguments of `lora_unmerged_pallas` (mosaic_blocks: of the Mosaic kernel).
+  blocks: keyword arguments of `lora_unmerged_pallas` (mosaic_blocks: of the Mosaic kernel;
+  fused_blocks: of `lora_fused_pallas`, which the dispatch runs at N <= 16).
 SWITCH[(out, in)]: blocks of `merge_delta_pallas`.
 """
 '''

@@ -1,11 +1,12 @@
 """The one place that decides, per op, shape and backend, which implementation runs.
 
 `impl` of every public op:
-  "auto"       off a GPU: the jnp reference (XLA). On a GPU: the measured winner for this
-               shape and row count from `pallas_kernels.tuning` (Pallas Triton kernel, Mosaic
-               GPU kernel or XLA); shapes without a measurement run XLA, the faster side of the
-               only comparison made so far (run1, H200, 2026-11-26).
-  "pallas"     the Pallas Triton kernel (interpret mode off a GPU unless `interpret` is given).
+  "auto"       off a GPU: the jnp reference (XLA). On a GPU: at decode sizes (N <= 16) the
+               one-launch kernel (`lora_fused`); above, the measured winner for the shape
+               and row count from `pallas_kernels.tuning` (Pallas Triton kernel, Mosaic GPU
+               kernel or XLA), XLA where nothing was measured.
+  "pallas"     the Pallas Triton kernel: `lora_fused` at decode sizes, `lora_unmerged`'s
+               two-launch kernel above (interpret mode off a GPU unless `interpret` is given).
   "mosaic"     the Pallas Mosaic GPU kernel (jax >= 0.11; unmerged op only).
   "reference"  the pure-jnp reference, compiled by XLA.
 Block sizes: the table's measured blocks for the shape, else `_heuristic_*` (unmeasured).
@@ -34,7 +35,9 @@ _OVERRIDE: dict[str, str] = {}
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """What one call runs: impl ("pallas" | "mosaic" | "reference"), interpret mode, blocks."""
+    """What one call runs: impl ("fused" | "pallas" | "mosaic" | "reference"), interpret
+    mode, blocks. "fused" is the one-launch kernel of `lora_fused` (decode sizes), "pallas"
+    the two-launch kernel of `lora_unmerged` (XLA shrink, then base + expand)."""
 
     impl: str
     interpret: bool
@@ -122,13 +125,31 @@ def unmerged_entry(n: int, out: int, d_in: int) -> dict | None:
     return None
 
 
+FUSED_MAX_ROWS = 16  # decode sizes: the one-launch kernel (`lora_fused`) below this
+
+
+def _heuristic_fused(n: int, rank: int) -> dict:
+    """Unmeasured blocks of the one-launch kernel: split_k = 1 (one launch); out blocks at
+    least n x 2 x rank wide, so that the A tiles each program re-reads (n rows, top-2, the
+    stacked rank; see `lora_fused`) weigh no more than its W tile, from 32 up to 128
+    (registers: the gathered B tile is [16, block_out, 16])."""
+    bo = min(128, max(32, pl.next_power_of_2(2 * n * rank)))
+    return dict(block_rows=16, block_out=bo, block_k=64, split_k=1, num_warps=4, num_stages=3)
+
+
 def pick_unmerged(
     impl: str, interpret: bool, *, n: int, out: int, d_in: int, rank: int, dtype
 ) -> Choice:
     """Choice for `lora_unmerged` with x [n, d_in], W [out, d_in], rank `rank`; impl and
-    interpret as `resolve_impl` returns them ("auto" only on a GPU: the table decides)."""
+    interpret as `resolve_impl` returns them ("auto" only on a GPU: the table decides).
+    At decode sizes (n <= FUSED_MAX_ROWS) "auto" and "pallas" are the one-launch kernel
+    (Choice.impl "fused"), its blocks from the table's "fused_blocks" when measured."""
     check_impl(impl)
     entry = unmerged_entry(n, out, d_in)
+    if n <= FUSED_MAX_ROWS and impl in ("auto", "pallas"):
+        if entry is not None and "fused_blocks" in entry:
+            return Choice("fused", interpret, dict(entry["fused_blocks"]), entry["source"])
+        return Choice("fused", interpret, _heuristic_fused(n, rank), "heuristic (unmeasured)")
     if impl == "auto":
         impl = _table_pick(entry["impl"] if entry else None)
         if impl == "mosaic" and not lora_unmerged_mosaic.supports(n, out, d_in, rank, dtype):

@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import dispatch, lora_unmerged_mosaic
+from pallas_kernels import dispatch, lora_fused, lora_unmerged_mosaic
 from pallas_kernels.common import block_size, check_dtype, check_unmerged_args, lora_shrink
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.project import project
@@ -287,9 +287,11 @@ def lora_unmerged(
       e: [N, k] int32 expert ids in [0, E); g: [N, k] gates (the LoRA scaling folded in here
         or into B).
       bias: [out] or None.
-      impl: "auto" (`pallas_kernels.dispatch` picks, per shape and backend, the measured
+      impl: "auto" (`pallas_kernels.dispatch` picks, per shape and backend: at N <= 16 on a
+        GPU the one-launch kernel of `pallas_kernels.lora_fused`, above it the measured
         winner: the Pallas kernel, the Mosaic GPU kernel or XLA; the reference off-GPU),
-        "pallas", "mosaic" or "reference" (XLA) to force one.
+        "pallas" (the Pallas kernel for N: one launch at N <= 16), "mosaic" or
+        "reference" (XLA) to force one.
       interpret: run Pallas in interpret mode (default: when not on a GPU).
       block_sizes: keyword overrides for the kernel (block_rows, block_out, block_k,
         split_k, num_warps, num_stages); default: the measured table for this shape.
@@ -305,7 +307,9 @@ def lora_unmerged(
     if choice.impl == "reference":
         return lora_unmerged_reference(x, w, a, b, e, g, bias)
     blocks = {**choice.blocks, **(block_sizes or {})}
-    if choice.impl == "mosaic":
+    if choice.impl == "fused":
+        fwd = functools.partial(lora_fused.lora_fused_pallas, interpret=choice.interpret, **blocks)
+    elif choice.impl == "mosaic":
         fwd = functools.partial(
             lora_unmerged_mosaic.lora_unmerged_mosaic, interpret=choice.interpret, **blocks
         )

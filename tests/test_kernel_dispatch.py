@@ -1,5 +1,7 @@
 """The one kernel-or-XLA decision (`pallas_kernels.dispatch`) and the measured table it reads."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +46,8 @@ def test_table_entries_are_well_formed():
         assert [e["n_max"] for e in entries] == sorted(e["n_max"] for e in entries)
         for e in entries:
             assert e["impl"] in ("pallas", "mosaic", "reference") and e["source"]
+            assert set(e.get("fused_blocks", {})) <= {"block_rows", "block_out", "block_k",
+                                                      "split_k", "num_warps", "num_stages"}  # fmt: skip
             assert set(e.get("blocks", {})) <= {
                 "block_rows",
                 "block_out",
@@ -57,43 +61,47 @@ def test_table_entries_are_well_formed():
         assert entry["source"]
 
 
-def test_gpu_auto_follows_the_table_and_falls_back_to_xla():
-    # measured: the table's winner at 4096 x 4096 (N=1: the kernel, N=16: XLA); the kernel
-    # keeps the swept blocks when forced
-    entries = tuning.UNMERGED[(4096, 4096)]
-    c = dispatch.pick_unmerged("auto", False, n=1, out=4096, d_in=4096, rank=16, dtype=jnp.bfloat16)
-    assert (c.impl, c.source) == (entries[0]["impl"], entries[0]["source"])
-    c = dispatch.pick_unmerged("auto", False, n=9, out=4096, d_in=4096, rank=16, dtype=jnp.bfloat16)
-    assert c.impl == "reference" and c.source == entries[1]["source"]
-    c = dispatch.pick_unmerged(
-        "pallas", False, n=1, out=4096, d_in=4096, rank=16, dtype=jnp.bfloat16
-    )
-    assert c.blocks == tuning.UNMERGED[(4096, 4096)][0]["blocks"]
-    # unmeasured shape (q|k|v was measured at N=1 only): XLA, heuristic blocks when forced
-    c = dispatch.pick_unmerged(
-        "auto", False, n=16, out=12288, d_in=4096, rank=48, dtype=jnp.bfloat16
-    )
+def test_decode_sizes_run_the_one_launch_kernel_and_larger_follow_the_table(monkeypatch):
+    pick = functools.partial(dispatch.pick_unmerged, interpret=False, dtype=jnp.bfloat16)
+    for n in (1, 9, 16):  # decode sizes: the one-launch kernel, auto and forced alike
+        for impl in ("auto", "pallas"):
+            c = pick(impl, n=n, out=12288, d_in=4096, rank=48)
+            assert c.impl == "fused" and c.blocks["split_k"] == 1, (n, impl)
+    assert pick("reference", n=1, out=12288, d_in=4096, rank=48).impl == "reference"
+    # above: nothing measured -> XLA; forced -> the two-launch kernel's heuristic blocks
+    c = pick("auto", n=64, out=12288, d_in=4096, rank=48)
     assert c.impl == "reference" and c.source == "no measurement"
-    c = dispatch.pick_unmerged(
-        "pallas", False, n=300, out=12288, d_in=4096, rank=48, dtype=jnp.bfloat16
-    )
-    assert c.source.startswith("heuristic") and c.blocks["block_rows"] == 64
+    c = pick("pallas", n=300, out=12288, d_in=4096, rank=48)
+    assert c.impl == "pallas" and c.source.startswith("heuristic") and c.blocks["block_rows"] == 64
+    # a measured entry: its fused blocks at decode sizes, its winner above
+    entry = [{"n_max": 16, "impl": "reference", "fused_blocks": {"block_out": 256}, "source": "m"},
+             {"n_max": 256, "impl": "pallas", "blocks": {"block_rows": 32}, "source": "m2"}]  # fmt: skip
+    monkeypatch.setitem(tuning.UNMERGED, (4096, 4096), entry)
+    c = pick("auto", n=4, out=4096, d_in=4096, rank=16)
+    assert (c.impl, c.blocks, c.source) == ("fused", {"block_out": 256}, "m")
+    c = pick("auto", n=100, out=4096, d_in=4096, rank=16)
+    assert (c.impl, c.blocks) == ("pallas", {"block_rows": 32})
     # Mosaic GPU kernel blocks: split-K until >= 2 programs per SM (64 W rows a program)
-    c = dispatch.pick_unmerged(
-        "mosaic", False, n=1, out=4096, d_in=11008, rank=16, dtype=jnp.bfloat16
-    )
+    c = pick("mosaic", n=1, out=4096, d_in=11008, rank=16)
     assert c.impl == "mosaic" and c.blocks["split_k"] == 4 and 11008 % (64 * 4) == 0
 
 
 @pytest.mark.parametrize("shape", LLAMA7B, ids=lambda s: s.name)
-@pytest.mark.parametrize("n", [1, 16])
-def test_heuristic_blocks_fill_an_h100_at_decode_sizes(shape, n):
-    """>= 2 programs per SM (132 SMs): narrow out blocks, split-K for the 4096-wide outputs."""
-    blocks = dispatch._heuristic_unmerged(n, shape.out, shape.d_in)
-    programs = -(-shape.out // blocks["block_out"]) * -(-n // blocks["block_rows"])
-    assert programs * blocks["split_k"] >= 2 * dispatch.NUM_SMS
-    k_steps = shape.d_in / (blocks["block_k"] * blocks["split_k"])
-    assert k_steps >= 4  # each program still streams a pipelined K loop
+def test_fused_heuristic_keeps_a_re_read_within_w_at_one_row(shape):
+    """At N = 1, top-2: the A tiles a program re-reads (2 x R x in) weigh <= its W tile
+    (block_out x in) up to the 128-wide cap; one launch (split_k = 1)."""
+    blocks = dispatch._heuristic_fused(1, shape.rank)
+    assert blocks["split_k"] == 1 and 32 <= blocks["block_out"] <= 128
+    assert 2 * shape.rank <= blocks["block_out"] or blocks["block_out"] == 128
+
+
+def test_two_launch_heuristic_fills_an_h100_above_decode_sizes():
+    """>= 2 programs per SM (132 SMs) for the two-launch kernel's row blocks above 16."""
+    for shape in LLAMA7B:
+        for n in (32, 64):
+            blocks = dispatch._heuristic_unmerged(n, shape.out, shape.d_in)
+            programs = -(-shape.out // blocks["block_out"]) * -(-n // blocks["block_rows"])
+            assert programs * blocks["split_k"] >= 2 * dispatch.NUM_SMS, (shape, n)
 
 
 def test_switch_choice():
@@ -138,7 +146,9 @@ def test_tuning_file_round_trips_through_its_renderer():
     scope: dict = {}
     exec(compile(text, "tuning.py", "exec"), scope)
     assert scope["UNMERGED"] == tuning.UNMERGED and scope["SWITCH"] == tuning.SWITCH
+    table = {(4096, 4096): [{"n_max": 1, "impl": "reference", "source": "a"},
+                            {"n_max": 16, "impl": "reference", "source": "b"}]}  # fmt: skip
     entry = {"n_max": 1, "impl": "pallas", "blocks": {"block_out": 16}, "source": "x"}
-    merged = bench.merge_unmerged_entry(tuning.UNMERGED, 4096, 4096, entry)
+    merged = bench.merge_unmerged_entry(table, 4096, 4096, entry)
     assert merged[(4096, 4096)][0] == entry and len(merged[(4096, 4096)]) == 2
-    assert tuning.UNMERGED[(4096, 4096)][0] != entry  # the input table is not modified
+    assert table[(4096, 4096)][0] != entry  # the input table is not modified

@@ -111,3 +111,63 @@ def test_one_triton_call_and_no_xla_op_on_the_banks(dtype, n, bias):
     assert text.count("__gpu$xla.gpu.triton") == 1, "one launch per linear"
     for op in ("stablehlo.dot_general", "stablehlo.gather", "stablehlo.reduce", "einsum"):
         assert op not in text, f"an XLA {op} beside the kernel"
+
+
+# A Llama-7B layer's widths (q|k|v 12288 x 4096, gate|up 22016 x 4096, down 4096 x 11008),
+# 2 layers, a LoRA-Switch adapter of 8 rank-16 experts, top-2, bf16.
+LLAMA7B_2L = dict(vocab_size=512, hidden_size=4096, intermediate_size=11008, num_layers=2,
+                  num_heads=32, num_kv_heads=32, head_dim=128, max_position_embeddings=256)  # fmt: skip
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_a_whole_decode_step_is_four_launches_per_layer(monkeypatch, batch):
+    """One unmerged LoRA-Switch decode step lowered for cuda (as on a GPU: "auto"): each
+    layer's q|k|v, o, gate|up and down is one call of the one-launch kernel (one Triton
+    call each), and no XLA op of the step touches an adapter bank."""
+    from flax import nnx
+
+    import lsw_jax
+    from lsw_jax.adapters.lora import attach_adapter
+    from lsw_jax.config import AdapterConfig, ModelConfig
+    from lsw_jax.decode import decode_step
+    from lsw_jax.model.llama import KVCache
+    from lsw_jax.plans import Plan, prepare_unmerged
+    from pallas_kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
+    cfg = ModelConfig.tiny(**LLAMA7B_2L)
+
+    def build():
+        model = lsw_jax.init_model(cfg, dtype="bfloat16", param_dtype="bfloat16")
+        attach_adapter(model, AdapterConfig(kind="switch", num_experts=8, top_k=2, rank=16))
+        return model
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    banks = jax.eval_shape(lambda s: prepare_unmerged(nnx.merge(graphdef, s)), state)
+    cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, 64, jnp.bfloat16, router_state=True))
+    ids = jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+    def step(state, banks, cache, tokens, positions):
+        model = nnx.merge(graphdef, state)
+        out = decode_step(
+            model, tokens[:, None], positions[:, None], None, cache, Plan.UNMERGED, banks
+        )
+        return out.logits
+
+    text = export_cuda(step, state, banks, cache, ids, ids)
+    main = text[text.index("func.func public @main") :]
+    main = main[: main.index("func.func private")]
+    body = main.splitlines()[1:]  # past the signature
+    calls = [line for line in body if "call @lora_fused_pallas" in line]
+    assert len(calls) == 4 * cfg.num_layers, "q|k|v, o, gate|up, down: one launch each"
+    kernels = [f for f in text.split("func.func private @")[1:] if f.startswith("lora_fused")]
+    assert kernels and all(f.count("__gpu$xla.gpu.triton") == 1 for f in kernels)
+    mlir_dtype = {"bfloat16": "bf16", "float32": "f32"}
+    bank_types = {
+        "tensor<" + "x".join(map(str, leaf.shape)) + "x" + mlir_dtype[str(leaf.dtype)] + ">"
+        for leaf in jax.tree.leaves(banks)
+    }
+    assert len(bank_types) >= 4  # A and B of each fused linear
+    assert all(t in main.splitlines()[0] for t in bank_types)  # the step's inputs: found
+    touching = [line.strip() for line in body if any(t in line for t in bank_types)]
+    assert all("call @lora_fused_pallas" in line for line in touching), touching[:3]
