@@ -30,7 +30,11 @@ Registers. Triton keeps a whole tile in registers: the A gather of one step is
 the rank is walked in chunks of RANK_CHUNK and A's K tile in chunks of `a_chunk` so that
 neither exceeds TILE_ELEMENTS.
 
-File order: kernel body -> jitted Pallas wrapper. The reference is
+The bare model's linear runs the same kernel with no expert slot (`linear_pallas`: k = 0,
+nothing gathered), so base and LoRA-Switch decode compare on one code path; XLA's dot
+(`pallas_kernels.project`) stays the baseline.
+
+File order: kernel body -> jitted Pallas wrappers. The reference is
 `lora_unmerged.lora_unmerged_reference`.
 """
 
@@ -46,7 +50,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import block_size, check_dtype, check_unmerged_args
 
-__all__ = ["lora_fused_pallas"]
+__all__ = ["linear_pallas", "lora_fused_pallas"]
 
 RANK_CHUNK = 16  # rank columns per gathered tile (Triton's smallest dot-able width)
 TILE_ELEMENTS = 8192  # largest gathered tile kept in registers
@@ -58,10 +62,6 @@ TILE_ELEMENTS = 8192  # largest gathered tile kept in registers
 def _fused_one_pass_kernel(
     x_ref,
     w_ref,
-    a_ref,
-    b_ref,
-    e_ref,
-    g_ref,
     *rest,
     n_rows,
     out,
@@ -76,6 +76,9 @@ def _fused_one_pass_kernel(
     # Blocks: x [bn, in_pad]; w [bo, in_pad]; a [E, r_pad, in_pad] (the whole bank);
     # b [E, bo, r_pad]; e, g [bn, k]; bias [bo]; y [bn, bo] (or of the [S, N, out] partials).
     # Blocks overhang the arrays where dims are not multiples: loads and stores are masked.
+    # k = 0 (the bare linear): no bank refs at all.
+    a_ref, b_ref, e_ref, g_ref = rest[:4] if k else (None,) * 4
+    rest = rest[4:] if k else rest
     if has_bias:
         bias_ref, y_ref = rest
     else:
@@ -223,12 +226,16 @@ def lora_fused_pallas(
     in_specs = [
         pl.BlockSpec((bn, in_pad), lambda i, j, s: (i, 0)),
         pl.BlockSpec((bo, in_pad), lambda i, j, s: (j, 0)),
-        pl.BlockSpec((n_exp, r_pad, in_pad), lambda i, j, s: (0, 0, 0)),
-        pl.BlockSpec((n_exp, bo, r_pad), lambda i, j, s: (0, j, 0)),
-        pl.BlockSpec((bn, k), lambda i, j, s: (i, 0)),
-        pl.BlockSpec((bn, k), lambda i, j, s: (i, 0)),
     ]
-    args = [x, w, a, b, e.astype(jnp.int32), g]
+    args = [x, w]
+    if k:
+        in_specs += [
+            pl.BlockSpec((n_exp, r_pad, in_pad), lambda i, j, s: (0, 0, 0)),
+            pl.BlockSpec((n_exp, bo, r_pad), lambda i, j, s: (0, j, 0)),
+            pl.BlockSpec((bn, k), lambda i, j, s: (i, 0)),
+            pl.BlockSpec((bn, k), lambda i, j, s: (i, 0)),
+        ]
+        args += [a, b, e.astype(jnp.int32), g]
     if bias is not None:
         in_specs.append(pl.BlockSpec((bo,), lambda i, j, s: (j,)))
         args.append(bias)
@@ -249,3 +256,15 @@ def lora_fused_pallas(
         name="lora_fused",
     )(*args)
     return y if split == 1 else y.sum(axis=0).astype(x.dtype)
+
+
+def linear_pallas(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, **blocks) -> jax.Array:
+    """``y = x @ w.T + bias`` through the one-launch kernel with no expert slot: the base
+    model's linear on the LoRA-Switch code path (x [N, in], w [out, in], bias [out] or None;
+    ``blocks`` as `lora_fused_pallas`). The banks are placeholders of one rank-1 expert with
+    k = 0 slots: the kernel takes no bank at all (XLA drops the unused placeholders)."""
+    (n, d_in), out = x.shape, w.shape[0]
+    a = jnp.zeros((1, 1, d_in), x.dtype)
+    b = jnp.zeros((1, out, 1), x.dtype)
+    e, g = jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0), jnp.float32)
+    return lora_fused_pallas(x, w, a, b, e, g, bias, **blocks)

@@ -222,13 +222,16 @@ def test_unmerged_compiles_for_sm90(triton_compiler, tmp_path, model, linear):
 @pytest.mark.parametrize("linear", ["qkv", "o", "gate_up", "down"])
 def test_fused_one_launch_compiles_for_sm90(triton_compiler, tmp_path, model, linear):
     """The one-launch kernel (`pallas_kernels.lora_fused`) at decode sizes in bf16 (its
-    fp32 lowering is exported by tests/test_kernel_lora_fused.py), its default blocks:
-    Triton IR to a cubin within the shared-memory limit."""
+    fp32 lowering is exported by tests/test_kernel_lora_fused.py), its default blocks, and
+    the bare linear on it: Triton IR to a cubin within the shared-memory limit."""
     out, d_in, rank = MODELS[model][linear]
     blocks = {"num_warps": 4, "num_stages": 3}
     for n in (1, 16):
         shapes = unmerged_shapes(n, out, d_in, rank, jnp.bfloat16)
         _compile_all(triton_compiler, tmp_path, lf.lora_fused_pallas, shapes, blocks)
+    # the bare model's linear on the same kernel (no expert slot), at one row
+    base = [S((1, d_in), jnp.bfloat16), S((out, d_in), jnp.bfloat16)]
+    _compile_all(triton_compiler, tmp_path, lf.linear_pallas, base, blocks)
 
 
 @pytest.mark.slow

@@ -171,3 +171,25 @@ def test_a_whole_decode_step_is_four_launches_per_layer(monkeypatch, batch):
     assert all(t in main.splitlines()[0] for t in bank_types)  # the step's inputs: found
     touching = [line.strip() for line in body if any(t in line for t in bank_types)]
     assert all("call @lora_fused_pallas" in line for line in touching), touching[:3]
+
+
+@pytest.mark.parametrize("n, out, d_in, bias", [(1, 200, 72, True), (13, 130, 200, False)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_bare_linear_runs_the_same_kernel(n, out, d_in, bias, dtype):
+    """No expert slot (k = 0): x @ W.T + bias, interpreted, against float64."""
+    rng = np.random.default_rng(n)
+    x, w = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((n, d_in), (out, d_in)))
+    c = jnp.asarray(rng.standard_normal(out), dtype) if bias else None
+    got = lf.linear_pallas(x, w, c, interpret=True)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    want = want + (0 if c is None else np.asarray(c, np.float64))
+    assert got.dtype == dtype and rel_err(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("n", [1, 16])
+def test_the_bare_linear_is_one_triton_call_on_no_bank(n):
+    shapes = [jax.ShapeDtypeStruct((n, 4096), jnp.bfloat16),
+              jax.ShapeDtypeStruct((12288, 4096), jnp.bfloat16)]  # fmt: skip
+    text = export_cuda(lf.linear_pallas, *shapes)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "tensor<1x1x4096xbf16>" not in text and "tensor<1x12288x1xbf16>" not in text
