@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, lora_fused
 from pallas_kernels import lora_unmerged as lu
 from pallas_kernels import switch_merge as sm
+from pallas_kernels.common import on_gpu
 
 
 def _best_time(fn: Callable, *args, iters: int = 5) -> tuple[float, float]:
@@ -128,9 +129,15 @@ def make_unmerged(
 
 
 def unmerged_op(impl: str, blocks: dict | None = None) -> Callable:
-    """x, w, a, b, e, g -> y for impl "pallas" | "mosaic" | "reference" | "base" (x @ W.T)."""
+    """x, w, a, b, e, g -> y for impl "pallas" | "mosaic" | "reference" | "base" (XLA's
+    x @ W.T) | "base_kernel" (x @ W.T through the one-launch kernel, no expert slot)."""
     if impl == "base":
         return lambda x, w, a, b, e, g: jnp.einsum("bi,oi->bo", x, w)
+    if impl == "base_kernel":
+        interpret = not on_gpu()  # the smoke run on a CPU
+        return lambda x, w, a, b, e, g: lora_fused.linear_pallas(
+            x, w, interpret=interpret, **(blocks or {})
+        )
     return functools.partial(lu.lora_unmerged, impl=impl, block_sizes=blocks)
 
 

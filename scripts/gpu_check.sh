@@ -10,10 +10,10 @@
 # every result is appended to $OUT/results.jsonl as it finishes. Expected on an H100/H200:
 #   env       versions, device, GPU-path imports, copy / read bandwidth        ~15 s
 #   kernels   7B linears: correctness; kernel vs XLA at N=1; switch; N=16     ~60-90 s
-#   decode1   7B decode b1: base, unmerged pallas / reference, merged         ~25-30 s a row
+#   decode1   7B decode b1: base, unmerged pallas / reference, merged         ~40-50 s a row (est.)
 #   sweep     unmerged block sweep (N=1) and switch tile sweep, time-shared   cap 45 s
 #   tests     compiled GPU test classes (pytest -m gpu)                       ~60-90 s
-#   decode16  7B decode b16: unmerged pallas / reference, base                ~25-30 s a row
+#   decode16  7B decode b16: base, unmerged pallas / reference                ~40-50 s a row (est.)
 #   report    gpu_check.json, benchmarks_gpu.md, tuning.py, summary.md        ~5 s
 # With BUDGET=270: env, kernels (N=16 may be cut), decode1 and the sweep; tests and decode16
 # only with more budget (or choose with STAGES="env kernels decode1 tests").

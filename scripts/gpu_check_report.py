@@ -20,6 +20,7 @@ from pathlib import Path
 from pallas_kernels import bench, dispatch, tuning
 
 REPO = Path(__file__).resolve().parents[1]
+LORA_IMPLS = ("pallas", "mosaic", "reference")  # the ones that apply the experts (tuning)
 PLAN_NAMES = {"base": "base", "unmerged": "switch_unmerged", "merged": "switch_merged"}
 BEGIN = "<!-- gpu_check:begin -->"
 END = "<!-- gpu_check:end -->"
@@ -125,7 +126,9 @@ def legacy_run1(rows: list[dict]) -> list[dict]:
 
 def build(rows: list[dict], tests: str | None, date: str | None) -> dict:
     env = next((r for r in rows if r.get("part") == "env"), {})
-    copy = next((r["gbs"] for r in rows if r.get("part") == "copy" and "gbs" in r), None)
+    # the run's ceiling: the faster of the copy (read + write) and the read-only pass
+    rates = [r["gbs"] for r in rows if r.get("part") in ("copy", "read") and "gbs" in r]
+    copy = max(rates) if rates else None
     smoke = bool(env.get("smoke"))
     t = next((r for r in reversed(rows) if r.get("part") == "tests"), None)
     if tests:
@@ -144,6 +147,12 @@ def build(rows: list[dict], tests: str | None, date: str | None) -> dict:
                 "ms_per_token": round(r["ms_step"], 3),
                 "roofline_frac": r["roofline_frac"],
                 "impl": r.get("impl", "auto"),
+                # spread of the repeats (rows of runs that recorded it)
+                **(
+                    {"ms_min_max": [r["ms_min"], r["ms_max"]], "noisy": r.get("noisy")}
+                    if "ms_min" in r
+                    else {}
+                ),
             }
             for r in rows
             if r.get("part") == "row" and "ms_step" in r
@@ -152,7 +161,9 @@ def build(rows: list[dict], tests: str | None, date: str | None) -> dict:
             {
                 "name": "switch_merge"
                 if r["part"] == "switch"
-                else ("xla_gemm_base" if r["impl"] == "base" else "lora_unmerged"),
+                else {"base": "xla_gemm_base", "base_kernel": "fused_kernel_base"}.get(
+                    r["impl"], "lora_unmerged"
+                ),
                 "shape": r["shape"],
                 "batch": r.get("n"),
                 "gbs": r["gbs"],
@@ -185,8 +196,8 @@ def render_md(data: dict, rows: list[dict], *, command: str, notes: list[str]) -
         "/tmp/gpu_report --docs` (and, after review, copy its `tuning.py` to "
         "`pallas_kernels/tuning.py`). The PyTorch peers "
         "on a GPU are not part of this check: `scripts/bench_decode.py --model llama7b`.",
-        f"Device copy bandwidth {data['copy_gbs']} GB/s (`x + 1` over 2 GiB, read + write "
-        "counted). Compiled GPU kernel tests (`pytest -m gpu`, fp32 at HIGHEST precision): "
+        f"Bandwidth ceiling {data['copy_gbs']} GB/s: the faster of a device copy (`x + 1` "
+        "over 4 GiB, read + write counted) and a read-only sum over 4 GiB. Compiled GPU kernel tests (`pytest -m gpu`, fp32 at HIGHEST precision): "
         + (
             f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped."
             if any(t.values())
@@ -244,33 +255,42 @@ def render_md(data: dict, rows: list[dict], *, command: str, notes: list[str]) -
     return "\n".join(lines + [END, ""])
 
 
+# The project's GPU goals (ratios from one run; fractions of the copy ceiling measured in it).
+BASE_OF_COPY, KERNEL_OF_COPY = 0.80, 0.85
+SWITCH_OVER_BASE = {1: 1.05, 16: 1.10}
+
+
 def targets(data: dict) -> list[str]:
     out = []
     rows = {(r["name"], r["batch"]): r for r in data["rows"]}
     for (name, batch), r in rows.items():
-        if name == "base" and batch == 1:
-            ok = r["roofline_frac"] >= 0.70
+        if name == "base":
+            ok = r["roofline_frac"] >= BASE_OF_COPY
             out.append(
-                f"base b1 >= 0.70 of roofline: {r['roofline_frac']:.2f} ({'met' if ok else 'missed'})"
+                f"base b{batch} >= {BASE_OF_COPY:.2f} of the copy ceiling: "
+                f"{r['roofline_frac']:.2f} ({'met' if ok else 'missed'})"
             )
-    unm = [r for r in data["rows"] if r["name"] == "switch_unmerged" and r["batch"] == 1]
-    if unm and ("base", 1) in rows:
-        best = min(unm, key=lambda r: r["ms_per_token"])
-        ratio = best["ms_per_token"] / rows[("base", 1)]["ms_per_token"]
-        verdict = "met" if ratio <= 1.10 else f"missed by {ratio / 1.10:.2f}x"
-        out.append(
-            f"unmerged b1 <= 1.10x base (floor 1.012x): {ratio:.2f}x with impl="
-            f"{best['impl']} ({verdict})"
-        )
+    for batch, goal in SWITCH_OVER_BASE.items():
+        unm = [r for r in data["rows"] if r["name"] == "switch_unmerged" and r["batch"] == batch]
+        if unm and ("base", batch) in rows:
+            best = min(unm, key=lambda r: r["ms_per_token"])
+            ratio = best["ms_per_token"] / rows[("base", batch)]["ms_per_token"]
+            verdict = "met" if ratio <= goal else f"missed by {ratio / goal:.2f}x"
+            noisy = " (noisy)" if best.get("noisy") or rows[("base", batch)].get("noisy") else ""
+            out.append(
+                f"unmerged b{batch} <= {goal:.2f}x base: {ratio:.2f}x with impl="
+                f"{best['impl']} ({verdict}){noisy}"
+            )
     for k in data["kernels"]:
         if (
             k["name"] in ("lora_unmerged", "switch_merge")
-            and k["batch"] in (1, None)
+            and k["batch"] in (1, 16, None)
             and k["impl"] != "reference"
         ):
-            verdict = "met" if k["frac_of_copy"] >= 0.70 else "missed"
+            verdict = "met" if k["frac_of_copy"] >= KERNEL_OF_COPY else "missed"
+            at = "" if k["batch"] is None else f" N={k['batch']}"
             out.append(
-                f"{k['name']} [{k['impl']}] {k['shape']} >= 0.70 of copy: "
+                f"{k['name']} [{k['impl']}] {k['shape']}{at} >= {KERNEL_OF_COPY:.2f} of copy: "
                 f"{k['frac_of_copy']:.2f} ({verdict})"
             )
     return out
@@ -301,7 +321,7 @@ def updated_tuning(rows: list[dict], data: dict) -> str:
                 best_blocks[key] = (r["us"], r["blocks"])
     timed = {}
     for r in rows:
-        if r.get("part") == "unmerged" and "us" in r and r["impl"] != "base" and "out" in r:
+        if r.get("part") == "unmerged" and "us" in r and "out" in r and r["impl"] in LORA_IMPLS:
             timed.setdefault((r["out"], r["d_in"], r["n"]), {})[r["impl"]] = (r["us"], r["blocks"])
     for (out, d_in, n), by_impl in timed.items():
         swept = best_blocks.get((out, d_in))
