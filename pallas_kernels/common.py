@@ -93,3 +93,39 @@ def lora_shrink(x: jax.Array, a: jax.Array, e: jax.Array, g: jax.Array) -> jax.A
         xa_all = jnp.einsum("bi,eri->ber", x, a, preferred_element_type=jnp.float32)
         xa = jnp.take_along_axis(xa_all, e[:, :, None], axis=1)  # [N, k, r]
     return xa * g.astype(jnp.float32)[:, :, None]
+
+
+# ----------------------------------------------------------------------------- Triton grids
+
+
+def check_triton_args(x, w, a, b, e, g, bias, split_k: int) -> None:
+    """`check_unmerged_args`, the kernels' element types and split_k >= 1 (both Triton
+    unmerged kernels)."""
+    check_unmerged_args(x, w, a, b, e, g, bias)
+    for name, t in (("x", x), ("w", w), ("a", a), ("b", b)):
+        check_dtype(name, t.dtype)
+    if split_k < 1:
+        raise ValueError(f"{split_k=} must be >= 1")
+
+
+def k_splits(d_in: int, bk: int, split_k: int) -> tuple[int, int, int]:
+    """(splits, K blocks per split, padded `in`) of a K loop of `bk`-wide blocks split over
+    at most `split_k` programs (the last block may overhang `in`)."""
+    n_kblocks = pl.cdiv(d_in, bk)
+    split = min(split_k, n_kblocks)
+    steps = pl.cdiv(n_kblocks, split)
+    return split, steps, split * steps * bk
+
+
+def split_output(n: int, out: int, bn: int, bo: int, split: int, dtype):
+    """(out_shape, out_spec) on a (rows, out, split) grid: y [N, out] in `dtype`, or the
+    splits' fp32 partials [S, N, out] that `sum_splits` adds."""
+    if split == 1:
+        return jax.ShapeDtypeStruct((n, out), dtype), pl.BlockSpec((bn, bo), lambda i, j, s: (i, j))
+    shape = jax.ShapeDtypeStruct((split, n, out), jnp.float32)
+    return shape, pl.BlockSpec((None, bn, bo), lambda i, j, s: (s, i, j))
+
+
+def sum_splits(y: jax.Array, dtype) -> jax.Array:
+    """y of `split_output`: as is, or its partials summed (one XLA reduction)."""
+    return y if y.ndim == 2 else y.sum(axis=0).astype(dtype)

@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import block_size, check_dtype, check_unmerged_args
+from pallas_kernels.common import block_size, check_triton_args, k_splits, split_output, sum_splits
 
 __all__ = ["linear_pallas", "lora_fused_pallas"]
 
@@ -197,19 +197,12 @@ def lora_fused_pallas(
       16-row block, masked). split_k > 1 adds one XLA sum of the splits' partial outputs.
     Returns: y [N, out] in x's dtype (fp32 accumulation).
     """
-    check_unmerged_args(x, w, a, b, e, g, bias)
-    for name, t in (("x", x), ("w", w), ("a", a), ("b", b)):
-        check_dtype(name, t.dtype)
-    if split_k < 1:
-        raise ValueError(f"{split_k=} must be >= 1")
+    check_triton_args(x, w, a, b, e, g, bias, split_k)
     (n, d_in), out = x.shape, w.shape[0]
     n_exp, rank = a.shape[0], a.shape[1]
     k = e.shape[1]
     bn, bo, bk = block_size(block_rows, n), block_size(block_out, out), block_size(block_k, d_in)
-    n_kblocks = pl.cdiv(d_in, bk)
-    split = min(split_k, n_kblocks)
-    steps = pl.cdiv(n_kblocks, split)  # K blocks per split (the last may overhang `in`)
-    in_pad = split * steps * bk
+    split, steps, in_pad = k_splits(d_in, bk, split_k)
     r_pad = pl.cdiv(rank, RANK_CHUNK) * RANK_CHUNK
     kernel = functools.partial(
         _fused_one_pass_kernel,
@@ -239,12 +232,7 @@ def lora_fused_pallas(
     if bias is not None:
         in_specs.append(pl.BlockSpec((bo,), lambda i, j, s: (j,)))
         args.append(bias)
-    if split == 1:
-        out_shape = jax.ShapeDtypeStruct((n, out), x.dtype)
-        out_spec = pl.BlockSpec((bn, bo), lambda i, j, s: (i, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((split, n, out), jnp.float32)
-        out_spec = pl.BlockSpec((None, bn, bo), lambda i, j, s: (s, i, j))
+    out_shape, out_spec = split_output(n, out, bn, bo, split, x.dtype)
     y = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bn), pl.cdiv(out, bo), split),
@@ -255,7 +243,7 @@ def lora_fused_pallas(
         interpret=interpret,
         name="lora_fused",
     )(*args)
-    return y if split == 1 else y.sum(axis=0).astype(x.dtype)
+    return sum_splits(y, x.dtype)
 
 
 def linear_pallas(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, **blocks) -> jax.Array:

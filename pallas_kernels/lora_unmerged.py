@@ -41,7 +41,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import dispatch, lora_fused, lora_unmerged_mosaic
-from pallas_kernels.common import block_size, check_dtype, check_unmerged_args, lora_shrink
+from pallas_kernels.common import (
+    block_size,
+    check_triton_args,
+    check_unmerged_args,
+    k_splits,
+    lora_shrink,
+    split_output,
+    sum_splits,
+)
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.project import project
 
@@ -164,20 +172,13 @@ def lora_unmerged_pallas(
       along `in` (each sums its share of the K blocks; >1 adds one XLA reduction).
     Returns: y [N, out] in x's dtype (fp32 accumulation).
     """
-    check_unmerged_args(x, w, a, b, e, g, bias)
-    for name, t in (("x", x), ("w", w), ("a", a), ("b", b)):
-        check_dtype(name, t.dtype)
-    if split_k < 1:
-        raise ValueError(f"{split_k=} must be >= 1")
+    check_triton_args(x, w, a, b, e, g, bias, split_k)
     (n, d_in), out = x.shape, w.shape[0]
     n_exp, rank = a.shape[0], a.shape[1]
     k = e.shape[1]
     bn, bo = block_size(block_rows, n), block_size(block_out, out)
     bk, r_blk = block_size(block_k, d_in), block_size(rank, rank)
-    n_kblocks = pl.cdiv(d_in, bk)
-    split = min(split_k, n_kblocks)
-    steps = pl.cdiv(n_kblocks, split)  # K blocks per split (the last may overhang `in`)
-    in_pad = split * steps * bk
+    split, steps, in_pad = k_splits(d_in, bk, split_k)
     e = e.astype(jnp.int32)
     u = lora_shrink(x, a, e, g)  # [N, k, r] fp32
     kernel = functools.partial(
@@ -203,12 +204,7 @@ def lora_unmerged_pallas(
     if bias is not None:
         in_specs.append(pl.BlockSpec((bo,), lambda i, j, s: (j,)))
         args.append(bias)
-    if split == 1:
-        out_shape = jax.ShapeDtypeStruct((n, out), x.dtype)
-        out_spec = pl.BlockSpec((bn, bo), lambda i, j, s: (i, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((split, n, out), jnp.float32)
-        out_spec = pl.BlockSpec((None, bn, bo), lambda i, j, s: (s, i, j))
+    out_shape, out_spec = split_output(n, out, bn, bo, split, x.dtype)
     y = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bn), pl.cdiv(out, bo), split),
@@ -219,7 +215,7 @@ def lora_unmerged_pallas(
         interpret=interpret,
         name="lora_unmerged",
     )(*args)
-    return y if split == 1 else y.sum(axis=0).astype(x.dtype)
+    return sum_splits(y, x.dtype)
 
 
 # ----------------------------------------------------------------------------- reference
